@@ -1,0 +1,18 @@
+"""graphprune: structured pruning of ONNX graphs (dependency groups, physical rewrite, verified)."""
+from __future__ import annotations
+
+from .api import AnalysisResult, PruneResult, analysis_pipeline, analyze, default_pipeline, prune
+from .dependency import ChannelGroup, DependencyGraph, GroupMember
+from .errors import BadInputError, GraphpruneError, NothingToPruneError, PassError
+from .oprules import OpRule, OpRuleRegistry, RuleContext, RewriteContext, default_registry, register_op_rule
+from .passes import register_criterion, criterion_names
+from .pipeline import Pass, PassManager, PassResult, PruneContext
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prune", "analyze", "PruneResult", "AnalysisResult", "default_pipeline", "analysis_pipeline",
+    "ChannelGroup", "GroupMember", "DependencyGraph", "OpRule", "OpRuleRegistry", "RuleContext", "RewriteContext",
+    "default_registry", "register_op_rule", "register_criterion", "criterion_names", "Pass", "PassManager",
+    "PassResult", "PruneContext", "GraphpruneError", "BadInputError", "NothingToPruneError", "PassError",
+]

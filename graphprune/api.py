@@ -1,0 +1,137 @@
+"""The Python API: prune() and analyze() over a path or an onnx.ModelProto."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import onnx
+
+from .cost import model_cost
+from .errors import BadInputError
+from .graph import Model
+from .model_io import save_model
+from .oprules import OpRuleRegistry, default_registry
+from .pipeline import PassManager, Progress, PruneContext
+
+__all__ = ["prune", "analyze", "PruneResult", "AnalysisResult", "default_pipeline", "analysis_pipeline"]
+
+
+def default_pipeline() -> PassManager:
+    """normalize -> analyze -> score -> allocate -> rewrite -> cleanup -> verify."""
+    from .passes import (AllocatePass, AnalyzePass, DeadNodeCleanupPass, NormalizePass, RewritePass, ScorePass,
+                         VerifyPass)
+
+    return PassManager([NormalizePass(), AnalyzePass(), ScorePass(), AllocatePass(), RewritePass(),
+                        DeadNodeCleanupPass(), VerifyPass()])
+
+
+def analysis_pipeline() -> PassManager:
+    from .passes import AnalyzePass, NormalizePass
+
+    return PassManager([NormalizePass(), AnalyzePass()])
+
+
+@dataclass
+class PruneResult:
+    """The pruned model and the report (MACs/params before and after, groups, removed channels)."""
+
+    model: onnx.ModelProto
+    report: dict
+    context: PruneContext = field(repr=False)
+
+    def save(self, path: "str | os.PathLike") -> str:
+        return str(save_model(self.model, path, external_data=self.context.model.meta.had_external_data or None))
+
+
+@dataclass
+class AnalysisResult:
+    groups: list
+    pinned: list
+    cost: object
+    context: PruneContext = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "macs": int(self.cost.macs), "params": int(self.cost.params),
+            "groups": [g.to_dict() | {"nodes": g.nodes} for g in self.groups],
+            "pinned": [{"tensor": p.tensor, "axis": p.axis, "channels": p.count, "reason": p.reason}
+                       for p in self.pinned],
+            "macs_per_node": {k: int(v) for k, v in self.cost.per_node.items()},
+        }
+
+
+def _validate_ratio(name: str, value) -> float | None:
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise BadInputError(f"{name} must be a number in (0, 1], got {value!r}") from None
+    if not 0 < v <= 1:
+        raise BadInputError(f"{name} must be in (0, 1] (the fraction to keep), got {v}")
+    return v
+
+
+def _context(model, registry, options, progress) -> PruneContext:
+    m = Model.load(model)
+    original = m.copy()
+    return PruneContext(model=m, original=original,
+                        registry=(registry.copy() if registry is not None else default_registry()),
+                        options=options, progress=Progress(progress))
+
+
+def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | None = None, *,
+          target_params: float | None = None, criterion: str = "l1", round_to: int = 8, min_keep: float = 0.1,
+          protect: list[str] | tuple = (), uniform: bool = False, seed: int = 0, verify: bool = False,
+          registry: OpRuleRegistry | None = None, pipeline: PassManager | None = None, progress: bool = False,
+          policy: dict | None = None, **options) -> PruneResult:
+    """Prune `model` to `target_flops` (fraction of MACs kept) and/or `target_params`.
+
+    `registry` holds op rules (default: built-ins plus user-registered), `pipeline` the
+    passes (default: :func:`default_pipeline`). The input is never modified.
+    """
+    tf = _validate_ratio("target_flops", target_flops)
+    tp = _validate_ratio("target_params", target_params)
+    if tf is None and tp is None:
+        raise BadInputError("give target_flops or target_params (a fraction in (0, 1] to keep)")
+    if round_to is None or int(round_to) < 1:
+        raise BadInputError(f"round_to must be >= 1, got {round_to}")
+    if not 0 <= float(min_keep) <= 1:
+        raise BadInputError(f"min_keep must be in [0, 1], got {min_keep}")
+    from .passes import criterion_names
+
+    if criterion not in criterion_names():
+        raise BadInputError(f"unknown criterion {criterion!r} (choose from {', '.join(criterion_names())})")
+    opts = dict(options, target_macs=tf, target_params=tp, criterion=criterion, round_to=int(round_to),
+                min_keep=float(min_keep), protect=list(protect), uniform=uniform, seed=seed, verify=verify,
+                policy=policy or {})
+    t0 = time.perf_counter()
+    ctx = _context(model, registry, opts, progress)
+    (pipeline or default_pipeline()).run(ctx)
+    ctx.report["prune_seconds"] = time.perf_counter() - t0
+    ctx.report["timings"] = dict(ctx.timings)
+    ctx.report["groups"] = _group_report(ctx)
+    ctx.report["pinned"] = [{"tensor": p.tensor, "axis": p.axis, "channels": p.count, "reason": p.reason}
+                            for p in ctx.dependency.pinned]
+    return PruneResult(ctx.model.to_proto(), ctx.report, ctx)
+
+
+def _group_report(ctx: PruneContext) -> list[dict]:
+    out = []
+    removed = ctx.plan.removed if ctx.plan else {}
+    for g in ctx.groups:
+        rm = removed.get(g.id, [])
+        out.append(g.to_dict() | {
+            "nodes": g.nodes, "protected": g.id in ctx.protected,
+            "kept": g.size - len(rm), "removed": [int(i) for i in rm],
+        })
+    return out
+
+
+def analyze(model: "str | os.PathLike | onnx.ModelProto", *, registry: OpRuleRegistry | None = None,
+            pipeline: PassManager | None = None, policy: dict | None = None) -> AnalysisResult:
+    """Groups, pinned channels (with reasons) and MACs per layer, without changing anything."""
+    ctx = _context(model, registry, {"policy": policy or {}}, False)
+    (pipeline or analysis_pipeline()).run(ctx)
+    return AnalysisResult(ctx.groups, ctx.dependency.pinned, model_cost(ctx.model), ctx)

@@ -1,0 +1,209 @@
+"""Command line: a thin layer over graphprune.prune / graphprune.analyze.
+
+Exit codes: 0 done, 1 internal error (a bug: please report it), 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import BadInputError, GraphpruneError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+
+_EPILOG = """\
+exit codes: 0 done, 1 internal error, 2 bad input (missing/corrupt file, bad flag, unreachable target).
+examples:
+  graphprune model.onnx --target-flops 0.5 -o model.pruned.onnx
+  graphprune model.onnx --target-params 0.6 --criterion l2 --report report.json
+  graphprune analyze model.onnx
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        self.exit(EXIT_BAD_INPUT, f"graphprune: error: {message} (see --help)\n")
+
+
+def _ratio(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{v} is outside (0, 1]: it is the fraction to keep")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"{v} is outside [0, 1]")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .passes import criterion_names
+
+    p = _Parser(prog="graphprune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
+                description="Structured pruning of ONNX models: removes coupled channels and writes a "
+                            "physically smaller ONNX graph. Subcommand: `graphprune analyze MODEL`.")
+    p.add_argument("model", help="input .onnx file (never modified)")
+    p.add_argument("-o", "--output", help="output path (default: <stem>.pruned.onnx beside the input)")
+    p.add_argument("--target-flops", type=_ratio, metavar="R",
+                   help="fraction of the original MACs to keep, in (0, 1]; the result lands in [R-0.02, R]")
+    p.add_argument("--target-params", type=_ratio, metavar="R", help="fraction of the original parameters to keep")
+    p.add_argument("--criterion", default="l1", choices=criterion_names(),
+                   help="channel importance criterion (default: l1)")
+    p.add_argument("--round-to", type=_positive_int, default=8, metavar="N",
+                   help="keep pruned channel counts a multiple of N where the original was (default: 8)")
+    p.add_argument("--min-keep", type=_fraction, default=0.1, metavar="F",
+                   help="minimum fraction of channels each group keeps (default: 0.1)")
+    p.add_argument("--protect", nargs="+", default=[], metavar="NODE",
+                   help="node names (glob patterns allowed) whose channels are left untouched")
+    p.add_argument("--uniform", action="store_true", help="prune every group by the same ratio")
+    p.add_argument("--seed", type=int, default=0, help="seed for random criteria and synthetic inputs (default: 0)")
+    p.add_argument("--verify", action="store_true",
+                   help="check the mask-equivalence oracle with onnxruntime (needs onnxruntime)")
+    p.add_argument("--report", metavar="JSON", help="write the report (MACs, params, groups, removed channels)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    return p
+
+
+def build_analyze_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphprune analyze", description="Show the channel groups, pinned channels and why, "
+                                                      "and MACs per layer, without changing anything.")
+    p.add_argument("model", help="input .onnx file")
+    p.add_argument("--json", metavar="PATH", help="also write the analysis as JSON")
+    p.add_argument("--top", type=int, default=30, metavar="N", help="layers to list by MACs (default: 30)")
+    return p
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _write_json(path: str, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _run_prune(args) -> int:
+    from .api import prune
+
+    if args.target_flops is None and args.target_params is None:
+        raise BadInputError("give --target-flops R or --target-params R (the fraction to keep, in (0, 1])")
+    src = Path(args.model)
+    out = Path(args.output) if args.output else src.with_name(f"{src.stem}.pruned.onnx")
+    if src.exists() and out.exists() and out.resolve() == src.resolve():
+        raise BadInputError(f"output {out} is the input file; choose another -o")
+    progress = not args.quiet and sys.stderr.isatty()
+    result = prune(str(src), target_flops=args.target_flops, target_params=args.target_params,
+                   criterion=args.criterion, round_to=args.round_to, min_keep=args.min_keep, protect=args.protect,
+                   uniform=args.uniform, seed=args.seed, verify=args.verify, progress=progress)
+    result.save(out)
+    r = result.report
+    if args.report:
+        _write_json(args.report, r | {"input": str(src), "output": str(out)})
+    if not args.quiet:
+        pruned = sum(1 for g in r["groups"] if g["removed"])
+        print(f"MACs    {_fmt(r['macs_before'])} -> {_fmt(r['macs_after'])}  ({r['macs_ratio']:.3f})")
+        print(f"params  {_fmt(r['params_before'])} -> {_fmt(r['params_after'])}  ({r['params_ratio']:.3f})")
+        print(f"groups  {len(r['groups'])} found, {pruned} pruned; {len(r['pinned'])} weight axes pinned")
+        for w in r.get("warnings", []):
+            print(f"warning: {w}")
+        if "oracle" in r:
+            o = r["oracle"]
+            worst = max(v["max_rel"] for k, v in o.items() if k.startswith("batch"))
+            print(f"oracle  mask equivalence {'holds' if o['equivalent'] else 'FAILS'} (max rel err {worst:.2e})")
+        print(f"wrote   {out}  in {r['prune_seconds']:.2f}s")
+    if "oracle" in r and not r["oracle"]["equivalent"]:
+        return EXIT_INTERNAL
+    return EXIT_OK
+
+
+def _run_analyze(argv) -> int:
+    from .api import analyze
+
+    args = build_analyze_parser().parse_args(argv)
+    res = analyze(args.model)
+    d = res.to_dict()
+    print(f"MACs {_fmt(d['macs'])}  params {_fmt(d['params'])}  groups {len(d['groups'])}")
+    print("\nprunable groups:")
+    for g in res.groups:
+        weights = [f"{m.tensor}[{m.axis}]" for m in g.members if m.is_weight and m.role in ("out", "reduce")]
+        print(f"  #{g.id:<3} {g.size:>5} ch  {', '.join(weights[:4])}{' ...' if len(weights) > 4 else ''}")
+    print("\npinned (never removed):")
+    if not res.pinned:
+        print("  none")
+    for p in res.pinned:
+        print(f"  {p.tensor}[{p.axis}] {p.count} ch: {p.reason}")
+    print(f"\nMACs per layer (top {args.top}):")
+    for name, macs in sorted(d["macs_per_node"].items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"  {_fmt(macs):>9}  {name}")
+    if args.json:
+        _write_json(args.json, d)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "analyze":
+            return _run_analyze(argv[1:])
+        return _run_prune(build_parser().parse_args(argv))
+    except BadInputError as exc:
+        print(f"graphprune: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except GraphpruneError as exc:
+        print(f"graphprune: internal error: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+    except KeyboardInterrupt:
+        print("graphprune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line unless asked for the traceback
+        if os.environ.get("GRAPHPRUNE_DEBUG"):
+            raise
+        print(f"graphprune: internal error: {type(exc).__name__}: {exc} (set GRAPHPRUNE_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

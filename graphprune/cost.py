@@ -1,0 +1,109 @@
+"""Cost model: multiply-accumulates (MACs) and parameters, per node and in total.
+
+Costs are products of axis sizes, so the allocator can update them as channels go:
+a term is `coef * prod(size of each listed dimension)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import Model, tensor_shape
+
+__all__ = ["CostTerm", "node_cost_terms", "param_cost_terms", "model_cost", "CostSummary"]
+
+
+@dataclass
+class CostTerm:
+    """coef * prod(sizes of `axes`), axes being (tensor, axis) pairs."""
+
+    node: str
+    coef: float
+    axes: list = field(default_factory=list)
+
+
+def _static(d) -> int:
+    return d if isinstance(d, int) and d > 0 else 1
+
+
+def _vol(shape) -> float:
+    return float(np.prod([_static(d) for d in shape])) if shape else 1.0
+
+
+def node_cost_terms(node: gs.Node) -> list[CostTerm]:
+    """MACs of one node (batch and other dynamic axes counted as 1)."""
+    op = node.op
+    name = node.name or node.outputs[0].name
+    ins = [t if t.name else None for t in node.inputs]
+    if op in ("Conv", "ConvTranspose") and len(ins) > 1 and ins[1] is not None:
+        x, w, y = ins[0], ins[1], node.outputs[0]
+        ws, ys, xs = tensor_shape(w), tensor_shape(y), tensor_shape(x)
+        if ws is None or ys is None or xs is None:
+            return []
+        spatial = ys[2:] if op == "Conv" else xs[2:]
+        coef = _vol(spatial) * _static(ys[0]) * _vol(ws[2:])
+        return [CostTerm(name, coef, [(w.name, 0), (w.name, 1)])]
+    if op in ("Gemm", "MatMul") and len(ins) > 1 and ins[0] is not None and ins[1] is not None:
+        a, b, y = ins[0], ins[1], node.outputs[0]
+        as_, bs, ys = tensor_shape(a), tensor_shape(b), tensor_shape(y)
+        if as_ is None or bs is None or ys is None or len(as_) < 1 or len(bs) < 1:
+            return []
+        if op == "Gemm":
+            ta, tb = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
+            m_ax, k_ax = (1, 0) if ta else (0, 1)
+            n_ax = 0 if tb else 1
+            return [CostTerm(name, 1.0, [(a.name, m_ax), (a.name, k_ax), (b.name, n_ax)])]
+        # numpy matmul: prod(output) * K
+        ry = len(ys)
+        axes = [(y.name, k) for k in range(ry)] + [(a.name, len(as_) - 1)]
+        return [CostTerm(name, 1.0, axes)]
+    return []
+
+
+def param_cost_terms(model: Model) -> list[CostTerm]:
+    """One term per weight initializer (floating point)."""
+    terms = []
+    for t in model.graph.tensors().values():
+        if isinstance(t, gs.Constant) and t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating):
+            shape = tensor_shape(t)
+            if shape and _used_as_data(t):
+                terms.append(CostTerm(t.name, 1.0, [(t.name, k) for k in range(len(shape))]))
+    return terms
+
+
+def _used_as_data(t: gs.Constant) -> bool:
+    return True
+
+
+@dataclass
+class CostSummary:
+    macs: float
+    params: float
+    per_node: dict
+
+    def to_dict(self) -> dict:
+        return {"macs": int(self.macs), "params": int(self.params)}
+
+
+def _term_value(term: CostTerm, sizes) -> float:
+    v = term.coef
+    for t, ax in term.axes:
+        v *= sizes(t, ax)
+    return v
+
+
+def model_cost(model: Model) -> CostSummary:
+    tensors = model.graph.tensors()
+
+    def size(t, ax):
+        s = tensor_shape(tensors[t]) if t in tensors else None
+        return _static(s[ax]) if s is not None and ax < len(s) else 1
+
+    per_node = {}
+    for node in model.graph.nodes:
+        for term in node_cost_terms(node):
+            per_node[term.node] = per_node.get(term.node, 0.0) + _term_value(term, size)
+    params = sum(_term_value(t, size) for t in param_cost_terms(model))
+    return CostSummary(sum(per_node.values()), params, per_node)

@@ -1,0 +1,364 @@
+"""SPA-style channel dependency analysis: channels as elements.
+
+Every tensor axis an op rule talks about becomes a *dimension* whose channels are
+*elements*. Op rules relate elements (ties), fix whole dimensions (pins) and tag
+weight dimensions with a role. The union of tied elements gives connected sets; each
+unpinned set that reaches a producing weight is one prunable channel, and channels
+touching the same dimensions form one :class:`ChannelGroup`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import Model, const_values, tensor_shape
+from .oprules import OpRuleRegistry, RuleContext, default_registry
+
+__all__ = ["Dim", "GroupMember", "ChannelGroup", "PinnedSet", "DependencyGraph", "analyze_dependencies"]
+
+ROLE_OUT = "out"          # a producer's output rows (Conv W axis 0, Gemm output columns)
+ROLE_REDUCE = "reduce"    # a consumer's reduced axis (Conv W axis 1): zeroed by the oracle
+ROLE_PARAM = "param"      # per-channel parameters (bias, BN, broadcast constants)
+
+
+@dataclass(frozen=True)
+class Dim:
+    tensor: str
+    axis: int
+
+
+@dataclass
+class GroupMember:
+    """One dimension a group touches, with each channel's element indices in it."""
+
+    tensor: str
+    axis: int
+    role: str | None          # ROLE_* for weights, None for activations
+    is_weight: bool
+    indices: list             # per channel: np.ndarray of element indices along `axis`
+
+    @property
+    def size_per_channel(self) -> int:
+        return int(len(self.indices[0])) if self.indices else 0
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be removed together; channel i is one connected element set."""
+
+    id: int
+    members: list            # [GroupMember]
+    channel_labels: np.ndarray
+    size: int
+    round_base: int = 0      # original size of the root dimension (for --round-to)
+    name: str = ""
+    nodes: list = field(default_factory=list)  # node names whose weights are members
+
+    def weight_members(self, roles: Iterable[str] = (ROLE_OUT, ROLE_REDUCE)) -> list:
+        roles = set(roles)
+        return [m for m in self.members if m.is_weight and m.role in roles]
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "channels": self.size,
+            "members": [
+                {"tensor": m.tensor, "axis": m.axis, "role": m.role, "weight": m.is_weight,
+                 "elements_per_channel": m.size_per_channel}
+                for m in self.members
+            ],
+        }
+
+
+@dataclass
+class PinnedSet:
+    """Channels that are never removed, with why."""
+
+    tensor: str
+    axis: int
+    count: int
+    reason: str
+
+
+class _UnionFind:
+    """Vectorised union-find over element ids (hook and pointer-jump, numpy only)."""
+
+    def __init__(self, n: int):
+        self.labels = np.arange(n, dtype=np.int64)
+
+    def union_pairs(self, a: np.ndarray, b: np.ndarray) -> None:
+        if a.size == 0:
+            return
+        labels = self.labels
+        while True:
+            la, lb = labels[a], labels[b]
+            if np.array_equal(la, lb):
+                break
+            m = np.minimum(la, lb)
+            np.minimum.at(labels, la, m)
+            np.minimum.at(labels, lb, m)
+            while True:
+                nxt = labels[labels]
+                if np.array_equal(nxt, labels):
+                    break
+                labels = nxt
+        self.labels = labels
+
+
+class DependencyGraph:
+    """Dimensions, element ties and pins of one model; :meth:`groups` gives the prunable units."""
+
+    def __init__(self, model: Model, registry: OpRuleRegistry | None = None, *, policy: dict | None = None):
+        self.model = model
+        self.registry = registry if registry is not None else default_registry()
+        self.policy = dict(policy or {})
+        self.dims: list[Dim] = []
+        self.dim_index: dict[Dim, int] = {}
+        self.dim_size: list[int] = []
+        self.dim_opaque: list[bool] = []
+        self.dim_role: dict[int, str] = {}
+        self.dim_is_weight: list[bool] = []
+        self.dim_pin: dict[int, str] = {}
+        self.ties: list[tuple[int, np.ndarray, int, np.ndarray]] = []
+        self.factors: list = []
+        self.node_dims: dict[int, list[int]] = {}   # dim id -> nodes (names) using it
+        self.cost_terms: list = []  # filled by cost model
+        self._tensors = model.graph.tensors()
+        self._offsets: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
+        self.group_list: list[ChannelGroup] = []
+        self.pinned: list[PinnedSet] = []
+        self._build()
+
+    # -- dimensions ---------------------------------------------------------
+    def tensor(self, name: str):
+        return self._tensors.get(name)
+
+    def dim(self, tensor: str, axis: int) -> int | None:
+        """Id of (tensor, axis), created on first use; None if the rank is unknown."""
+        t = self._tensors.get(tensor)
+        shape = tensor_shape(t) if t is not None else None
+        if shape is None:
+            return None
+        if axis < 0:
+            axis += len(shape)
+        if not 0 <= axis < len(shape):
+            return None
+        key = Dim(tensor, axis)
+        idx = self.dim_index.get(key)
+        if idx is None:
+            size = shape[axis]
+            opaque = not isinstance(size, int) or size < 0
+            idx = len(self.dims)
+            self.dims.append(key)
+            self.dim_index[key] = idx
+            self.dim_size.append(1 if opaque else int(size))
+            self.dim_opaque.append(opaque)
+            self.dim_is_weight.append(isinstance(t, gs.Constant))
+            if opaque:
+                self.dim_pin[idx] = f"dynamic axis {axis} of {tensor}"
+        return idx
+
+    def pin(self, dim: int, reason: str) -> None:
+        self.dim_pin.setdefault(dim, reason)
+
+    # -- building -----------------------------------------------------------
+    def _build(self) -> None:
+        graph = self.model.graph
+        for io, kind in ((graph.inputs, "graph input"), (graph.outputs, "graph output")):
+            for t in io:
+                shape = tensor_shape(t)
+                for ax in range(len(shape or ())):
+                    d = self.dim(t.name, ax)
+                    if d is not None:
+                        self.pin(d, f"reaches {kind} {t.name}")
+        for node in graph.nodes:
+            ctx = RuleContext(self, node)
+            rule = self.registry.lookup(node.domain or "", node.op, self.model.opset)
+            outer = _outer_scope_inputs(node)
+            for name in outer:
+                self._pin_tensor(name, f"used inside a subgraph of {node.op} {node.name}")
+            unknown = [t.name for t in list(node.inputs) + list(node.outputs)
+                       if t.name and tensor_shape(t) is None and not (rule and rule.is_shape_input(node, t))]
+            if rule is None:
+                ctx.pin_all(f"no op rule for {node.domain + '::' if node.domain else ''}{node.op}")
+                continue
+            if unknown:
+                ctx.pin_all(f"{node.op} {node.name}: shape of {unknown[0]} unknown")
+                continue
+            try:
+                rule.analyze(ctx)
+            except Exception as exc:  # a rule that cannot decide fails closed
+                ctx.pin_all(f"{node.op} {node.name}: rule failed ({exc})")
+                continue
+            ctx.finish()
+        self._resolve()
+
+    def _pin_tensor(self, name: str, reason: str) -> None:
+        t = self._tensors.get(name)
+        shape = tensor_shape(t) if t is not None else None
+        for ax in range(len(shape or ())):
+            d = self.dim(name, ax)
+            if d is not None:
+                self.pin(d, reason)
+
+    # -- resolution ---------------------------------------------------------
+    def _dim_classes(self) -> np.ndarray:
+        uf = _UnionFind(len(self.dims))
+        a = np.array([t[0] for t in self.ties], dtype=np.int64)
+        b = np.array([t[2] for t in self.ties], dtype=np.int64)
+        uf.union_pairs(a, b)
+        return uf.labels
+
+    def _resolve(self) -> None:
+        # factor blocks (Reshape/Flatten) choose their carrier axes once the dims they
+        # touch are known to be channel-like; unresolved ones fall back to a default
+        pending = list(self.factors)
+        while pending:
+            classes = self._dim_classes()
+            channel_like = set()
+            for d, role in self.dim_role.items():
+                channel_like.add(classes[d])
+            progressed = []
+            for fb in pending:
+                if fb.resolve(self, classes, channel_like, fallback=False):
+                    progressed.append(fb)
+            if not progressed:
+                for fb in pending:
+                    fb.resolve(self, classes, channel_like, fallback=True)
+                break
+            pending = [fb for fb in pending if fb not in progressed]
+        sizes = np.array(self.dim_size, dtype=np.int64)
+        offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        self._offsets = offsets
+        uf = _UnionFind(int(offsets[-1]))
+        if self.ties:
+            a = np.concatenate([offsets[d1] + i1 for d1, i1, _, _ in self.ties])
+            b = np.concatenate([offsets[d2] + i2 for _, _, d2, i2 in self.ties])
+            uf.union_pairs(a, b)
+        self.labels = uf.labels
+        self._make_groups()
+
+    def elements(self, dim: int) -> np.ndarray:
+        return self.labels[self._offsets[dim]:self._offsets[dim + 1]]
+
+    def _make_groups(self) -> None:
+        n_dims = len(self.dims)
+        pin_reason: dict[int, str] = {}
+        for d, reason in self.dim_pin.items():
+            for lab in np.unique(self.elements(d)):
+                pin_reason.setdefault(int(lab), reason)
+        producers = set()
+        for d, role in self.dim_role.items():
+            if role == ROLE_OUT and self.dim_is_weight[d]:
+                producers.update(int(x) for x in np.unique(self.elements(d)))
+        # label -> dims it touches
+        lab_all = self.labels
+        dim_of_elem = np.repeat(np.arange(n_dims), np.array(self.dim_size, dtype=np.int64))
+        pairs = np.unique(np.stack([lab_all, dim_of_elem], axis=1), axis=0) if lab_all.size else np.zeros((0, 2), np.int64)
+        touched: dict[int, list[int]] = {}
+        for lab, d in pairs:
+            touched.setdefault(int(lab), []).append(int(d))
+        by_key: dict[tuple, list[int]] = {}
+        for lab in sorted(producers):
+            if lab in pin_reason:
+                continue
+            by_key.setdefault(tuple(touched[lab]), []).append(lab)
+        groups = []
+        for key, labs in by_key.items():
+            labs_arr = np.array(labs, dtype=np.int64)
+            members = []
+            root = None
+            for d in key:
+                el = self.elements(d)
+                idx_lists = []
+                for lab in labs_arr:
+                    idx_lists.append(np.nonzero(el == lab)[0])
+                dim = self.dims[d]
+                role = self.dim_role.get(d)
+                m = GroupMember(dim.tensor, dim.axis, role, self.dim_is_weight[d], idx_lists)
+                members.append(m)
+                if root is None and role == ROLE_OUT and m.is_weight:
+                    root = (m, d)
+            order = np.argsort([int(root[0].indices[i].min()) for i in range(len(labs_arr))], kind="stable")
+            labs_arr = labs_arr[order]
+            for m in members:
+                m.indices = [m.indices[i] for i in order]
+            groups.append(ChannelGroup(
+                id=0, members=members, channel_labels=labs_arr, size=len(labs_arr),
+                round_base=self.dim_size[root[1]], name=f"{root[0].tensor}[{root[0].axis}]",
+            ))
+        groups.sort(key=lambda g: (self._first_node_index(g), g.name))
+        for i, g in enumerate(groups):
+            g.id = i
+        self.group_list = groups
+        # pinned summary, per dimension of a weight that would otherwise be prunable
+        pinned = []
+        for d in range(n_dims):
+            if self.dim_role.get(d) != ROLE_OUT or not self.dim_is_weight[d]:
+                continue
+            el = self.elements(d)
+            labs = [int(x) for x in el if int(x) in pin_reason]
+            if labs:
+                reasons = sorted({pin_reason[l] for l in labs})
+                dim = self.dims[d]
+                pinned.append(PinnedSet(dim.tensor, dim.axis, len(labs), "; ".join(reasons[:3])))
+        self.pinned = pinned
+
+    def _first_node_index(self, g: ChannelGroup) -> int:
+        if not hasattr(self, "_tensor_order"):
+            order = {}
+            for i, node in enumerate(self.model.graph.nodes):
+                for t in node.inputs:
+                    order.setdefault(t.name, i)
+            self._tensor_order = order
+        return min((self._tensor_order.get(m.tensor, 1 << 30) for m in g.members), default=0)
+
+    # -- queries ------------------------------------------------------------
+    def groups(self) -> list[ChannelGroup]:
+        return self.group_list
+
+    def removed_elements(self, removed_labels: np.ndarray) -> dict[Dim, np.ndarray]:
+        """Element indices removed in every dimension when the given channels go."""
+        out = {}
+        if removed_labels.size == 0:
+            return out
+        mask = np.zeros(self.labels.size, dtype=bool)
+        # labels are roots (minimal element ids), so index by label value
+        lab_set = np.zeros(self.labels.size, dtype=bool)
+        lab_set[removed_labels] = True
+        mask = lab_set[self.labels]
+        for d, dim in enumerate(self.dims):
+            sl = mask[self._offsets[d]:self._offsets[d + 1]]
+            if sl.any():
+                out[dim] = np.nonzero(sl)[0]
+        return out
+
+
+def _outer_scope_inputs(node: gs.Node) -> set[str]:
+    names: set[str] = set()
+    for value in node.attrs.values():
+        subgraphs = value if isinstance(value, list) else [value]
+        for sg in subgraphs:
+            if isinstance(sg, gs.Graph):
+                local = {t.name for t in sg.inputs}
+                for n in sg.nodes:
+                    local.update(t.name for t in n.outputs)
+                for n in sg.nodes:
+                    for t in n.inputs:
+                        if t.name and t.name not in local and not isinstance(t, gs.Constant):
+                            names.add(t.name)
+                    names |= _outer_scope_inputs(n) - local
+                for t in sg.outputs:
+                    if t.name not in local:
+                        names.add(t.name)
+    return names
+
+
+def analyze_dependencies(model: Model, registry: OpRuleRegistry | None = None, **policy) -> DependencyGraph:
+    return DependencyGraph(model, registry, policy=policy)

@@ -1,0 +1,179 @@
+"""Loading and saving ONNX models: lazy external data, atomic writes, IR version kept."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from .errors import BadInputError
+
+__all__ = ["ModelMeta", "load_model", "save_model", "SUPPORTED_OPSETS", "TWO_GB"]
+
+TWO_GB = 2**31
+SUPPORTED_OPSETS = range(7, 26)
+
+
+@dataclass
+class ModelMeta:
+    """What must survive a rewrite unchanged: IR version, opsets, producer, metadata."""
+
+    ir_version: int
+    opset_imports: list = field(default_factory=list)
+    producer_name: str = ""
+    producer_version: str = ""
+    domain: str = ""
+    model_version: int = 0
+    doc_string: str = ""
+    metadata_props: list = field(default_factory=list)
+    functions: list = field(default_factory=list)
+    had_external_data: bool = False
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, had_external_data: bool = False) -> "ModelMeta":
+        return cls(
+            ir_version=model.ir_version,
+            opset_imports=[onnx.helper.make_opsetid(o.domain, o.version) for o in model.opset_import],
+            producer_name=model.producer_name,
+            producer_version=model.producer_version,
+            domain=model.domain,
+            model_version=model.model_version,
+            doc_string=model.doc_string,
+            metadata_props=list(model.metadata_props),
+            functions=list(model.functions),
+            had_external_data=had_external_data,
+        )
+
+    def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        model.ir_version = self.ir_version
+        del model.opset_import[:]
+        model.opset_import.extend(self.opset_imports)
+        model.producer_name = self.producer_name
+        model.producer_version = self.producer_version
+        model.domain = self.domain
+        model.model_version = self.model_version
+        model.doc_string = self.doc_string
+        del model.metadata_props[:]
+        model.metadata_props.extend(self.metadata_props)
+        del model.functions[:]
+        model.functions.extend(self.functions)
+        return model
+
+    @property
+    def default_opset(self) -> int:
+        for o in self.opset_imports:
+            if o.domain in ("", "ai.onnx"):
+                return o.version
+        return 0
+
+
+def _check_opset(model: onnx.ModelProto, where: str) -> None:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version not in SUPPORTED_OPSETS:
+            raise BadInputError(
+                f"{where}: unsupported opset {o.version} (graphprune supports ai.onnx opsets "
+                f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})"
+            )
+
+
+def load_model(source: "str | os.PathLike | onnx.ModelProto") -> tuple[onnx.ModelProto, ModelMeta]:
+    """Load a model without reading external weights up front.
+
+    External tensors get absolute locations, so each is read only when its values are
+    needed (onnx-graphsurgeon's LazyValues). A ModelProto is copied, never modified.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        where = "model"
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.exists():
+            raise BadInputError(f"{path}: no such file")
+        if path.is_dir():
+            raise BadInputError(f"{path}: is a directory, expected an .onnx file")
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf raises DecodeError and friends
+            raise BadInputError(f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file truncated?") from None
+        if not model.graph.node and not model.graph.input and not model.graph.output:
+            raise BadInputError(f"{path}: not an ONNX model (empty graph)")
+        base = path.resolve().parent
+        for tensor in external_data_helper._get_all_tensors(model):
+            if external_data_helper.uses_external_data(tensor):
+                info = external_data_helper.ExternalDataInfo(tensor)
+                location = base / info.location
+                if not location.exists():
+                    raise BadInputError(f"{path}: external data file {info.location} is missing")
+                external_data_helper.set_external_data(
+                    tensor, str(location), offset=info.offset, length=info.length
+                )
+    if not model.graph.node:
+        raise BadInputError(f"{where}: the graph has no nodes")
+    _check_opset(model, where)
+    has_ext = any(
+        external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model)
+    )
+    return model, ModelMeta.of(model, had_external_data=has_ext)
+
+
+def _byte_size(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(t):
+            info = external_data_helper.ExternalDataInfo(t)
+            total += info.length or 0
+        else:
+            total += len(t.raw_data)
+    return total + model.ByteSize() if total < TWO_GB else total
+
+
+def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_data: bool | None = None) -> Path:
+    """Write `model` atomically: a temporary file in the target folder, then a rename.
+
+    Models over 2 GB (or when `external_data` is True) are written with their weights
+    in `<name>.data` beside the model, also atomically.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = _byte_size(model) >= TWO_GB
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_data = None
+    try:
+        if external_data:
+            onnx.load_external_data_for_model(model, "")  # locations are absolute
+            data_name = path.name + ".data"
+            tmp_data_name = f".{data_name}.tmp"
+            tmp_data = path.parent / tmp_data_name
+            if tmp_data.exists():
+                tmp_data.unlink()
+            onnx.save_model(
+                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                location=tmp_data_name, size_threshold=1024,
+            )
+            # point the model at the final data file name, then move both into place
+            saved = onnx.load(tmp, load_external_data=False)
+            for t in external_data_helper._get_all_tensors(saved):
+                if external_data_helper.uses_external_data(t):
+                    info = external_data_helper.ExternalDataInfo(t)
+                    external_data_helper.set_external_data(t, data_name, offset=info.offset, length=info.length)
+            with open(tmp, "wb") as f:
+                f.write(saved.SerializeToString())
+            os.replace(tmp_data, path.parent / data_name)
+            tmp_data = None
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString(deterministic=True))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if tmp_data is not None and Path(tmp_data).exists():
+            Path(tmp_data).unlink()
+    return path

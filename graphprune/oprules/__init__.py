@@ -1,0 +1,15 @@
+"""Op rules: how each ONNX op relates the channels of its inputs and outputs."""
+from __future__ import annotations
+
+from .base import _GLOBAL, FactorBlock, OpRule, OpRuleRegistry, RewriteContext, RuleContext, register_op_rule
+from .rules import BROADCAST_OPS, UNARY_OPS, register_builtin_rules
+
+__all__ = ["OpRule", "OpRuleRegistry", "RuleContext", "RewriteContext", "FactorBlock",
+           "register_op_rule", "default_registry", "UNARY_OPS", "BROADCAST_OPS"]
+
+register_builtin_rules(_GLOBAL)
+
+
+def default_registry() -> OpRuleRegistry:
+    """A copy of the global registry (built-in rules plus any registered by the user)."""
+    return _GLOBAL.copy()

@@ -1,0 +1,375 @@
+"""Op-rule infrastructure: the rule interface, the context rules talk to, the registry."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph import const_values, tensor_shape
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..dependency import DependencyGraph
+
+__all__ = ["OpRule", "RuleContext", "RewriteContext", "OpRuleRegistry", "FactorBlock", "register_op_rule"]
+
+
+class OpRule:
+    """How one op maps the channels of its inputs onto its outputs.
+
+    `analyze` ties/pins/tags axes through the :class:`RuleContext`; any axis of size
+    > 1 it leaves untouched is pinned (fail closed). `rewrite` fixes attributes and
+    shape constants after channels were removed; sliced weights are handled for it.
+    """
+
+    shape_inputs: tuple = ()  # input positions that carry shapes/indices, not data
+
+    def analyze(self, ctx: "RuleContext") -> None:
+        raise NotImplementedError
+
+    def rewrite(self, rctx: "RewriteContext") -> None:
+        return None
+
+    def is_shape_input(self, node: gs.Node, tensor: gs.Tensor) -> bool:
+        return any(i < len(node.inputs) and node.inputs[i] is tensor for i in self.shape_inputs)
+
+
+class FunctionRule(OpRule):
+    def __init__(self, analyze: Callable, rewrite: Callable | None = None, shape_inputs: tuple = ()):
+        self._analyze, self._rewrite, self.shape_inputs = analyze, rewrite, shape_inputs
+
+    def analyze(self, ctx):
+        self._analyze(ctx)
+
+    def rewrite(self, rctx):
+        if self._rewrite:
+            self._rewrite(rctx)
+
+
+@dataclass
+class _Entry:
+    rule: OpRule
+    since: int
+    until: int
+
+
+class OpRuleRegistry:
+    """Rules keyed by (domain, op_type) and opset range; copy it to customise one analysis."""
+
+    def __init__(self):
+        self._rules: dict[tuple[str, str], list[_Entry]] = {}
+
+    def register(self, op_type: str, rule: OpRule, *, domain: str = "", since: int = 1, until: int = 10**6) -> None:
+        domain = "" if domain == "ai.onnx" else domain
+        self._rules.setdefault((domain, op_type), []).insert(0, _Entry(rule, since, until))
+
+    def lookup(self, domain: str, op_type: str, opset: int) -> OpRule | None:
+        domain = "" if domain == "ai.onnx" else domain
+        for e in self._rules.get((domain, op_type), ()):
+            if e.since <= (opset or e.since) <= e.until:
+                return e.rule
+        return None
+
+    def ops(self) -> list[tuple[str, str]]:
+        return sorted(self._rules)
+
+    def copy(self) -> "OpRuleRegistry":
+        new = OpRuleRegistry()
+        new._rules = {k: list(v) for k, v in self._rules.items()}
+        return new
+
+
+_GLOBAL = OpRuleRegistry()
+
+
+def register_op_rule(op_type: str, rule: "OpRule | Callable", *, domain: str = "", since: int = 1,
+                     until: int = 10**6, rewrite: Callable | None = None,
+                     registry: OpRuleRegistry | None = None) -> OpRule:
+    """Register `rule` (an OpRule, or an analyze(ctx) function) for `op_type` in `domain`.
+
+    Without `registry`, the rule goes to the global registry that every later analysis
+    copies; pass a registry to keep it local to one run.
+    """
+    if not isinstance(rule, OpRule):
+        rule = FunctionRule(rule, rewrite)
+    (registry or _GLOBAL).register(op_type, rule, domain=domain, since=since, until=until)
+    return rule
+
+
+class RuleContext:
+    """What an op rule sees of one node during analysis."""
+
+    def __init__(self, dg: "DependencyGraph", node: gs.Node):
+        self.dg = dg
+        self.node = node
+        self.touched: set[tuple[str, int]] = set()
+        self.exempt: set[str] = set()
+
+    # -- reading --------------------------------------------------------------
+    @property
+    def op(self) -> str:
+        return self.node.op
+
+    @property
+    def attrs(self) -> dict:
+        return self.node.attrs
+
+    @property
+    def opset(self) -> int:
+        return self.dg.model.opset
+
+    def input(self, i: int) -> gs.Tensor | None:
+        if i < len(self.node.inputs) and self.node.inputs[i].name:
+            return self.node.inputs[i]
+        return None
+
+    def output(self, i: int) -> gs.Tensor | None:
+        if i < len(self.node.outputs) and self.node.outputs[i].name:
+            return self.node.outputs[i]
+        return None
+
+    @staticmethod
+    def shape(t: gs.Tensor | None):
+        return None if t is None else tensor_shape(t)
+
+    @staticmethod
+    def is_const(t: gs.Tensor | None) -> bool:
+        return isinstance(t, gs.Constant)
+
+    @staticmethod
+    def value(t: gs.Tensor | None) -> np.ndarray | None:
+        return None if t is None else const_values(t)
+
+    def policy(self, key: str, default=None):
+        return self.dg.policy.get(key, default)
+
+    # -- relating -------------------------------------------------------------
+    def _dim(self, t: gs.Tensor, axis: int) -> int | None:
+        shape = tensor_shape(t)
+        if shape is None:
+            return None
+        axis = axis + len(shape) if axis < 0 else axis
+        self.touched.add((t.name, axis))
+        return self.dg.dim(t.name, axis)
+
+    def tie(self, a: gs.Tensor, ax_a: int, b: gs.Tensor, ax_b: int,
+            idx_a: np.ndarray | None = None, idx_b: np.ndarray | None = None) -> None:
+        """Element idx_a[i] of a's axis is the same channel as element idx_b[i] of b's axis.
+
+        Without indices: identity when sizes match; a size-1 side broadcasts and is left
+        alone; any other mismatch pins both.
+        """
+        da, db = self._dim(a, ax_a), self._dim(b, ax_b)
+        if da is None or db is None:
+            return
+        dg = self.dg
+        if idx_a is None and idx_b is None:
+            sa, sb = dg.dim_size[da], dg.dim_size[db]
+            oa, ob = dg.dim_opaque[da], dg.dim_opaque[db]
+            if oa or ob:
+                if oa and ob:
+                    dg.ties.append((da, np.zeros(1, np.int64), db, np.zeros(1, np.int64)))
+                else:
+                    for d in (da, db):
+                        if dg.dim_size[d] != 1 or dg.dim_opaque[d]:
+                            dg.pin(d, f"{self.op} {self.node.name}: dynamic axis meets static axis")
+                return
+            if sa == sb:
+                idx_a = idx_b = np.arange(sa, dtype=np.int64)
+            elif sa == 1 or sb == 1:
+                return  # broadcast
+            else:
+                dg.pin(da, f"{self.op} {self.node.name}: axis sizes {sa} and {sb} do not match")
+                dg.pin(db, f"{self.op} {self.node.name}: axis sizes {sa} and {sb} do not match")
+                return
+        dg.ties.append((da, np.asarray(idx_a, np.int64), db, np.asarray(idx_b, np.int64)))
+
+    def role(self, t: gs.Tensor, axis: int, role: str) -> None:
+        d = self._dim(t, axis)
+        if d is not None and isinstance(t, gs.Constant):
+            self.dg.dim_role.setdefault(d, role)
+
+    def pin(self, t: gs.Tensor | None, axis: int | None, reason: str) -> None:
+        if t is None:
+            return
+        shape = tensor_shape(t)
+        axes = range(len(shape or ())) if axis is None else [axis]
+        for ax in axes:
+            d = self._dim(t, ax)
+            if d is not None:
+                self.dg.pin(d, f"{self.op} {self.node.name}: {reason}")
+
+    def skip(self, t: gs.Tensor | None, axis: int | None = None) -> None:
+        """Declare an axis handled without a tie (e.g. a shape input); not auto-pinned."""
+        if t is None:
+            return
+        if axis is None:
+            self.exempt.add(t.name)
+        else:
+            shape = tensor_shape(t) or ()
+            self.touched.add((t.name, axis + len(shape) if axis < 0 else axis))
+
+    def factor(self, a: gs.Tensor, axes_a: list[int], b: gs.Tensor, axes_b: list[int]) -> None:
+        """a's axes (row-major block) hold the same elements as b's axes (a Reshape block)."""
+        dims_a = [self._dim(a, x) for x in axes_a]
+        dims_b = [self._dim(b, x) for x in axes_b]
+        if any(d is None for d in dims_a + dims_b):
+            return
+        self.dg.factors.append(FactorBlock(self.node.name, self.op, dims_a, dims_b))
+
+    def pin_all(self, reason: str) -> None:
+        for t in list(self.node.inputs) + list(self.node.outputs):
+            if t.name:
+                shape = tensor_shape(t)
+                for ax in range(len(shape or ())):
+                    d = self.dg.dim(t.name, ax)
+                    if d is not None:
+                        self.dg.pin(d, reason)
+
+    def finish(self) -> None:
+        """Pin every axis of size > 1 that the rule did not account for."""
+        for t in list(self.node.inputs) + list(self.node.outputs):
+            if not t.name or t.name in self.exempt:
+                continue
+            shape = tensor_shape(t)
+            for ax, size in enumerate(shape or ()):
+                if (t.name, ax) in self.touched or size == 1:
+                    continue
+                d = self.dg.dim(t.name, ax)
+                if d is not None:
+                    self.dg.pin(d, f"{self.op} {self.node.name}: axis {ax} of {t.name} is not a channel axis for {self.op}")
+
+    # helpers shared by many rules -------------------------------------------------
+    def broadcast(self, inputs: list, outputs: list, *, param_role: str = "param") -> None:
+        """Numpy broadcasting: each output axis ties with the input axes aligned to it."""
+        for out in outputs:
+            if out is None:
+                continue
+            rank = len(self.shape(out))
+            for inp in inputs:
+                if inp is None:
+                    continue
+                r = len(self.shape(inp))
+                for k in range(r):
+                    self.tie(inp, k, out, rank - r + k)
+                    if self.is_const(inp):
+                        self.role(inp, k, param_role)
+
+
+class FactorBlock:
+    """A Reshape/Flatten block: axes_a (row-major) hold the same elements as axes_b.
+
+    One *carrier* axis per side is tied elementwise; the other axes keep their size.
+    The carrier is the axis known to carry channels; if none is known, the default
+    is the innermost axis when one axis splits into several and the outermost otherwise.
+    """
+
+    def __init__(self, node: str, op: str, dims_a: list[int], dims_b: list[int]):
+        self.node, self.op, self.dims_a, self.dims_b = node, op, dims_a, dims_b
+
+    def _choose(self, dg, dims, classes, channel_like, fallback, split, prefer_outer):
+        cands = [d for d in dims if dg.dim_size[d] > 1 and not dg.dim_opaque[d]]
+        known = [d for d in cands if classes[d] in channel_like]
+        if len(known) == 1:
+            return known[0]
+        if len(known) > 1:
+            return known[0] if prefer_outer else known[-1]
+        if not fallback:
+            return None
+        if not cands:
+            return None
+        return cands[-1] if split and not prefer_outer else cands[0]
+
+    def resolve(self, dg, classes, channel_like, *, fallback: bool) -> bool:
+        prefer_outer = bool(dg.policy.get("factor_outer", False))
+        split = len(self.dims_a) == 1 and len(self.dims_b) > 1
+        merge = len(self.dims_b) == 1 and len(self.dims_a) > 1
+        ca = self._choose(dg, self.dims_a, classes, channel_like, fallback, merge, prefer_outer)
+        cb = self._choose(dg, self.dims_b, classes, channel_like, fallback, split, prefer_outer)
+        if ca is None or cb is None:
+            if not fallback:
+                return False
+            for d in self.dims_a + self.dims_b:
+                dg.pin(d, f"{self.op} {self.node}: no channel axis in reshape block")
+            return True
+        sa = [dg.dim_size[d] for d in self.dims_a]
+        sb = [dg.dim_size[d] for d in self.dims_b]
+        flat = np.arange(int(np.prod(sa)), dtype=np.int64)
+        ia = np.unravel_index(flat, sa)[self.dims_a.index(ca)]
+        ib = np.unravel_index(flat, sb)[self.dims_b.index(cb)]
+        pairs = np.unique(np.stack([ia, ib], 1), axis=0)
+        dg.ties.append((ca, pairs[:, 0], cb, pairs[:, 1]))
+        for d in self.dims_a + self.dims_b:
+            if d not in (ca, cb) and dg.dim_size[d] > 1:
+                dg.pin(d, f"{self.op} {self.node}: reshape factor kept at its size")
+        return True
+
+
+class RewriteContext:
+    """What an op rule sees of one node after channels were removed."""
+
+    def __init__(self, node: gs.Node, kept: dict, orig_shapes: dict, graph: gs.Graph, namer, opset: int):
+        self.node = node
+        self.graph_opset = opset
+        self._kept = kept
+        self._orig = orig_shapes
+        self.graph = graph
+        self._namer = namer
+
+    def kept(self, t: gs.Tensor | None, axis: int) -> np.ndarray | None:
+        """Kept element indices of t's axis, or None if the axis is unchanged."""
+        if t is None:
+            return None
+        shape = self._orig.get(t.name)
+        if shape is not None and axis < 0:
+            axis += len(shape)
+        return self._kept.get((t.name, axis))
+
+    def orig_shape(self, t: gs.Tensor | None):
+        return None if t is None else self._orig.get(t.name)
+
+    def new_size(self, t: gs.Tensor, axis: int):
+        k = self.kept(t, axis)
+        if k is not None:
+            return len(k)
+        shape = self.orig_shape(t)
+        return None if shape is None else shape[axis]
+
+    def changed(self, t: gs.Tensor | None) -> bool:
+        shape = self.orig_shape(t)
+        return t is not None and shape is not None and any(self.kept(t, a) is not None for a in range(len(shape)))
+
+    def constant(self, values: np.ndarray, hint: str = "c") -> gs.Constant:
+        return gs.Constant(self._namer(f"{self.node.name or self.node.op}_{hint}"), np.asarray(values))
+
+    def set_shape_entries(self, index: int, updates: dict[int, int]) -> None:
+        """Set entries of the 1-D shape/sizes input `index` to new constants.
+
+        A constant input is replaced by a fresh constant (it may be shared); a tensor
+        computed at run time is kept for its other entries through Where(mask, new, old),
+        so dynamic axes stay dynamic.
+        """
+        if not updates:
+            return
+        t = self.node.inputs[index]
+        vals = const_values(t)
+        if vals is not None:
+            new = np.array(vals, copy=True)
+            for k, v in updates.items():
+                new[k] = v
+            self.node.inputs[index] = self.constant(new.astype(vals.dtype), "shape")
+            return
+        rank = (tensor_shape(t) or [None])[0]
+        if not isinstance(rank, int):
+            raise ValueError(f"cannot rewrite the run-time shape of {self.node.name}: unknown length")
+        mask = np.zeros(rank, dtype=bool)
+        new = np.zeros(rank, dtype=np.int64)
+        for k, v in updates.items():
+            mask[k], new[k] = True, v
+        out = gs.Variable(self._namer(f"{self.node.name or self.node.op}_shape"), dtype=np.int64, shape=[rank])
+        where = gs.Node("Where", name=self._namer(f"{self.node.name or self.node.op}_shape_where"),
+                        inputs=[self.constant(mask, "mask"), self.constant(new, "new"), t], outputs=[out])
+        self.graph.nodes.append(where)
+        self.node.inputs[index] = out

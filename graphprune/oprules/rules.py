@@ -1,0 +1,601 @@
+"""Built-in op rules, written from the ONNX operator spec (one small rule per op)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
+
+__all__ = ["register_builtin_rules", "UNARY_OPS", "BROADCAST_OPS"]
+
+ROLE_OUT, ROLE_REDUCE, ROLE_PARAM = "out", "reduce", "param"
+
+UNARY_OPS = (
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Softplus",
+    "Softsign", "Elu", "Selu", "Celu", "ThresholdedRelu", "Mish", "Swish", "Exp", "Log", "Abs", "Neg",
+    "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan",
+    "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Not", "IsNaN", "IsInf", "Identity", "Cast", "CastLike",
+    "Dropout", "Clip", "Shrink", "BitwiseNot",
+)
+BROADCAST_OPS = (
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Equal", "Greater",
+    "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitShift", "BitwiseAnd",
+    "BitwiseOr", "BitwiseXor",
+)
+
+
+class Unary(OpRule):
+    """Elementwise on the data input: every axis is the identity; extra inputs are scalars."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x = ctx.input(0)
+        for i in range(1, len(ctx.node.inputs)):
+            t = ctx.input(i)
+            if t is not None:
+                if len(ctx.shape(t) or ()) > 0 and ctx.op not in ("CastLike",):
+                    ctx.pin(t, None, "non-scalar parameter")
+                ctx.skip(t)
+        for out in ctx.node.outputs:
+            if out.name:
+                for k in range(len(ctx.shape(x))):
+                    ctx.tie(x, k, out, k)
+
+
+class Broadcast(OpRule):
+    """N-ary elementwise with numpy broadcasting; constants become per-channel params."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        ctx.broadcast([t for t in ctx.node.inputs if t.name], [ctx.output(0)])
+
+
+class Conv(OpRule):
+    """Conv: W axis 0 produces Y's channels, W axis 1 reduces X's (per group)."""
+
+    transposed = False
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, w, b, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
+        g = int(ctx.attrs.get("group", 1))
+        cin = ctx.shape(x)[1]
+        cout = ctx.shape(y)[1]
+        ctx.tie(x, 0, y, 0)
+        if not isinstance(cin, int) or not isinstance(cout, int):
+            ctx.pin(x, 1, "dynamic channel count")
+            return
+        w_out, w_in = (1, 0) if self.transposed else (0, 1)
+        # the weight's output-channel axis (per group for ConvTranspose)
+        if self.transposed:
+            og = cout // g
+            ctx.tie(x, 1, w, 0)
+            ctx.role(w, 0, ROLE_REDUCE)
+            if g == 1:
+                ctx.tie(w, 1, y, 1)
+                ctx.role(w, 1, ROLE_OUT)
+            elif g == cin and og == 1:  # depthwise transposed
+                ctx.tie(x, 1, y, 1)
+                ctx.skip(w, 1)
+            else:
+                self._balance(ctx, x, 1, cin, g)
+                self._balance(ctx, y, 1, cout, g)
+                j = np.arange(cout)
+                ctx.tie(w, 1, y, 1, j % og, j)
+                ctx.role(w, 1, ROLE_OUT)
+        else:
+            ctx.tie(w, 0, y, 1)
+            ctx.role(w, 0, ROLE_OUT)
+            cg = cin // g
+            if g == 1:
+                ctx.tie(x, 1, w, 1)
+                ctx.role(w, 1, ROLE_REDUCE)
+            elif cg == 1:  # depthwise, channel multiplier m = cout / cin
+                m = cout // cin
+                c = np.arange(cout)
+                ctx.tie(x, 1, y, 1, c // m, c)
+            else:  # grouped: keep groups balanced (channel j of every group together)
+                self._balance(ctx, x, 1, cin, g)
+                self._balance(ctx, y, 1, cout, g)
+                c = np.arange(cin)
+                ctx.tie(x, 1, w, 1, c, c % cg)
+                ctx.role(w, 1, ROLE_REDUCE)
+        if b is not None:
+            ctx.tie(b, 0, y, 1)
+            ctx.role(b, 0, ROLE_PARAM)
+
+    @staticmethod
+    def _balance(ctx, t, axis, n, g):
+        per = n // g
+        if per * g != n or g == 1:
+            return
+        c = np.arange(per, n)
+        ctx.tie(t, axis, t, axis, c, c % per)
+
+    def rewrite(self, rctx: RewriteContext) -> None:
+        node = rctx.node
+        g = int(node.attrs.get("group", 1))
+        x = node.inputs[0]
+        cin = rctx.orig_shape(x)[1]
+        if g > 1 and g == cin and rctx.kept(x, 1) is not None:
+            node.attrs["group"] = len(rctx.kept(x, 1))
+
+
+class ConvTranspose(Conv):
+    transposed = True
+
+
+class BatchNorm(OpRule):
+    """BatchNormalization / InstanceNormalization: per-channel params on axis 1."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x = ctx.input(0)
+        rank = len(ctx.shape(x))
+        for out in ctx.node.outputs:
+            if not out.name:
+                continue
+            if len(ctx.shape(out) or ()) == rank:
+                for k in range(rank):
+                    ctx.tie(x, k, out, k)
+            else:  # training-mode running stats outputs
+                ctx.tie(x, 1, out, 0)
+        for i in range(1, len(ctx.node.inputs)):
+            p = ctx.input(i)
+            if p is not None:
+                ctx.tie(p, 0, x, 1)
+                ctx.role(p, 0, ROLE_PARAM)
+
+
+class Gemm(OpRule):
+    """Y = alpha * A' B' + beta * C with optional transposes."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        a, b, c, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
+        ta, tb = int(ctx.attrs.get("transA", 0)), int(ctx.attrs.get("transB", 0))
+        a_m, a_k = (1, 0) if ta else (0, 1)
+        b_k, b_n = (1, 0) if tb else (0, 1)
+        ctx.tie(a, a_k, b, b_k)
+        ctx.tie(a, a_m, y, 0)
+        ctx.tie(b, b_n, y, 1)
+        for t, ax_k, ax_n in ((b, b_k, b_n), (a, a_k, a_m)):
+            if ctx.is_const(t):
+                ctx.role(t, ax_k, ROLE_REDUCE)
+                ctx.role(t, ax_n, ROLE_OUT)
+        if c is not None:
+            ctx.broadcast([c], [y])
+
+
+class MatMul(OpRule):
+    """Numpy matmul: A[..., M, K] @ B[..., K, N]; constant operands are weights."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        a, b, y = ctx.input(0), ctx.input(1), ctx.output(0)
+        ra, rb, ry = len(ctx.shape(a)), len(ctx.shape(b)), len(ctx.shape(y))
+        if ra < 2 or rb < 2:
+            ctx.pin_all("1-D MatMul operand")
+            return
+        ctx.tie(a, -1, b, -2)
+        ctx.tie(a, -2, y, -1 if False else ry - 2)
+        ctx.tie(b, -1, y, ry - 1)
+        for t, r in ((a, ra), (b, rb)):
+            for k in range(r - 2):
+                ctx.tie(t, k, y, ry - r + k)
+        if ctx.is_const(b):
+            ctx.role(b, -2, ROLE_REDUCE)
+            ctx.role(b, -1, ROLE_OUT)
+        if ctx.is_const(a):
+            ctx.role(a, -1, ROLE_REDUCE)
+            ctx.role(a, -2, ROLE_OUT)
+        if not ctx.is_const(a) and not ctx.is_const(b):
+            # an activation x activation contraction has no weight to zero: keep it whole
+            ctx.pin(a, -1, "contraction between two activations")
+
+
+class Pool(OpRule):
+    """Pooling keeps batch and channels; spatial axes are not channels."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x = ctx.input(0)
+        if len(ctx.node.outputs) > 1 and ctx.output(1) is not None:
+            ctx.pin_all("MaxPool indices output")
+            return
+        for out in ctx.node.outputs:
+            if out.name:
+                ctx.tie(x, 0, out, 0)
+                ctx.tie(x, 1, out, 1)
+
+
+def _axes(ctx: RuleContext, attr: str = "axes", input_index: int = 1):
+    """Axes from the attribute or (newer opsets) a constant input; None if not constant."""
+    if attr in ctx.attrs:
+        return [int(a) for a in ctx.attrs[attr]]
+    t = ctx.input(input_index)
+    if t is None:
+        return []
+    ctx.skip(t)
+    v = ctx.value(t)
+    return None if v is None else [int(a) for a in np.atleast_1d(v)]
+
+
+class Reduce(OpRule):
+    """Reduce*: kept axes map one to one (dropped when keepdims=0); reduced axes are fixed."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        r = len(ctx.shape(x))
+        axes = _axes(ctx)
+        if axes is None:
+            ctx.pin_all("reduction axes computed at run time")
+            return
+        if not axes:
+            if int(ctx.attrs.get("noop_with_empty_axes", 0)):
+                for k in range(r):
+                    ctx.tie(x, k, y, k)
+            return  # reduces everything
+        axes = {a % r for a in axes}
+        keep = int(ctx.attrs.get("keepdims", 1))
+        j = 0
+        for k in range(r):
+            if k in axes:
+                j += keep
+                continue
+            ctx.tie(x, k, y, j)
+            j += 1
+
+
+class AxisOp(OpRule):
+    """Softmax/LogSoftmax/Hardmax/CumSum/LpNormalization: the op axis mixes elements."""
+
+    default_axis = -1
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        r = len(ctx.shape(x))
+        default = 1 if (ctx.op in ("Softmax", "LogSoftmax", "Hardmax") and ctx.opset < 13) else self.default_axis
+        axis = int(ctx.attrs.get("axis", default)) % r
+        coerced = ctx.op in ("Softmax", "LogSoftmax", "Hardmax") and ctx.opset < 13
+        for k in range(r):
+            if k == axis or (coerced and k > axis):
+                continue
+            ctx.tie(x, k, y, k)
+
+
+class Concat(OpRule):
+    def analyze(self, ctx: RuleContext) -> None:
+        y = ctx.output(0)
+        r = len(ctx.shape(y))
+        axis = int(ctx.attrs["axis"]) % r
+        off = 0
+        for t in ctx.node.inputs:
+            s = ctx.shape(t)
+            for k in range(r):
+                if k != axis:
+                    ctx.tie(t, k, y, k)
+            n = s[axis]
+            if not isinstance(n, int):
+                ctx.pin(t, axis, "dynamic concat size")
+                ctx.pin(y, axis, "dynamic concat size")
+                return
+            if n:
+                ctx.tie(t, axis, y, axis, np.arange(n), off + np.arange(n))
+            off += n
+
+
+class Split(OpRule):
+    shape_inputs = (1,)
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x = ctx.input(0)
+        r = len(ctx.shape(x))
+        axis = int(ctx.attrs.get("axis", 0)) % r
+        if ctx.input(1) is not None:
+            ctx.skip(ctx.input(1))
+            if ctx.value(ctx.input(1)) is None:
+                ctx.pin_all("split sizes computed at run time")
+                return
+        off = 0
+        for out in ctx.node.outputs:
+            s = ctx.shape(out)
+            for k in range(r):
+                if k != axis:
+                    ctx.tie(x, k, out, k)
+            n = s[axis]
+            if not isinstance(n, int):
+                ctx.pin_all("dynamic split size")
+                return
+            ctx.tie(x, axis, out, axis, off + np.arange(n), np.arange(n))
+            off += n
+
+    def rewrite(self, rctx: RewriteContext) -> None:
+        node = rctx.node
+        x = node.inputs[0]
+        axis = int(node.attrs.get("axis", 0)) % len(rctx.orig_shape(x))
+        if rctx.kept(x, axis) is None:
+            return
+        sizes = np.array([rctx.new_size(o, axis) for o in node.outputs], dtype=np.int64)
+        node.attrs.pop("num_outputs", None)
+        if "split" in node.attrs:
+            node.attrs["split"] = [int(s) for s in sizes]
+        elif len(node.inputs) > 1 and node.inputs[1].name:
+            node.inputs[1] = rctx.constant(sizes, "split")
+        elif rctx.graph_opset >= 13:
+            node.inputs.append(rctx.constant(sizes, "split"))
+        else:
+            node.attrs["split"] = [int(s) for s in sizes]
+
+
+class Slice(OpRule):
+    shape_inputs = (1, 2, 3, 4)
+
+    def _params(self, ctx_or_node, values):
+        pass
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        r = len(ctx.shape(x))
+        if ctx.opset < 10:
+            starts, ends = ctx.attrs["starts"], ctx.attrs["ends"]
+            axes = ctx.attrs.get("axes", list(range(len(starts))))
+            steps = [1] * len(starts)
+        else:
+            vals = []
+            for i in range(1, 5):
+                t = ctx.input(i)
+                if t is not None:
+                    ctx.skip(t)
+                vals.append(None if t is None else ctx.value(t))
+            if vals[0] is None or vals[1] is None or (ctx.input(3) is not None and vals[2] is None) \
+                    or (ctx.input(4) is not None and vals[3] is None):
+                ctx.pin_all("slice bounds computed at run time")
+                return
+            starts, ends = vals[0].tolist(), vals[1].tolist()
+            axes = vals[2].tolist() if vals[2] is not None else list(range(len(starts)))
+            steps = vals[3].tolist() if vals[3] is not None else [1] * len(starts)
+        sliced = {}
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            sliced[int(a) % r] = (int(s), int(e), int(st))
+        xs = ctx.shape(x)
+        for k in range(r):
+            if k not in sliced:
+                ctx.tie(x, k, y, k)
+                continue
+            s, e, st = sliced[k]
+            n = xs[k]
+            if not isinstance(n, int) or st != 1:
+                continue  # left untouched: pinned
+            idx = np.arange(n)[slice(s, e, st)]
+            if len(idx):
+                ctx.tie(x, k, y, k, idx, np.arange(len(idx)))
+            # elements outside the slice are unrelated to the output; keep them fixed
+            rest = np.setdiff1d(np.arange(n), idx)
+            if len(rest):
+                ctx.tie(x, k, x, k, rest, rest)
+
+    def rewrite(self, rctx: RewriteContext) -> None:
+        node = rctx.node
+        x = node.inputs[0]
+        xs = rctx.orig_shape(x)
+        r = len(xs)
+        changed = {k: rctx.kept(x, k) for k in range(r) if rctx.kept(x, k) is not None}
+        if not changed:
+            return
+        if rctx.graph_opset < 10:
+            starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
+            axes = list(node.attrs.get("axes", range(len(starts))))
+        else:
+            starts = np.asarray(node.inputs[1].values).tolist()
+            ends = np.asarray(node.inputs[2].values).tolist()
+            has_axes = len(node.inputs) > 3 and node.inputs[3].name
+            axes = np.asarray(node.inputs[3].values).tolist() if has_axes else list(range(len(starts)))
+        for i, a in enumerate(axes):
+            k = int(a) % r
+            if k not in changed:
+                continue
+            n = xs[k]
+            idx = np.arange(n)[slice(int(starts[i]), int(ends[i]), 1)]
+            kept = changed[k]
+            lo = int(np.searchsorted(kept, idx[0])) if len(idx) else 0
+            hi = lo + int(np.isin(kept, idx).sum())
+            starts[i], ends[i] = lo, hi
+        if rctx.graph_opset < 10:
+            node.attrs["starts"], node.attrs["ends"] = starts, ends
+        else:
+            node.inputs[1] = rctx.constant(np.array(starts, dtype=np.asarray(node.inputs[1].values).dtype), "starts")
+            node.inputs[2] = rctx.constant(np.array(ends, dtype=np.asarray(node.inputs[2].values).dtype), "ends")
+
+
+def _squeeze_axes(ctx, r_in, r_out, squeeze: bool):
+    axes = _axes(ctx)
+    if axes is None:
+        return None
+    r = r_out if not squeeze else r_in
+    if not axes and squeeze:
+        axes = [k for k, s in enumerate(ctx.shape(ctx.input(0))) if s == 1]
+    return {a % r for a in axes}
+
+
+class Squeeze(OpRule):
+    shape_inputs = (1,)
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        rx, ry = len(ctx.shape(x)), len(ctx.shape(y))
+        squeeze = ctx.op == "Squeeze"
+        axes = _squeeze_axes(ctx, rx, ry, squeeze)
+        if axes is None:
+            ctx.pin_all("axes computed at run time")
+            return
+        big, small = (x, y) if squeeze else (y, x)
+        j = 0
+        for k in range(max(rx, ry)):
+            if k in axes:
+                continue
+            ctx.tie(big, k, small, j)
+            j += 1
+
+
+class Transpose(OpRule):
+    def analyze(self, ctx: RuleContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        r = len(ctx.shape(x))
+        perm = ctx.attrs.get("perm", list(range(r))[::-1])
+        for j, k in enumerate(perm):
+            ctx.tie(x, int(k), y, j)
+
+
+def _blocks(a: list, b: list):
+    """Split two shapes (size-1 axes dropped) into blocks of equal element count."""
+    ia = [k for k, s in enumerate(a) if s != 1]
+    ib = [k for k, s in enumerate(b) if s != 1]
+    blocks, i, j = [], 0, 0
+    while i < len(ia) and j < len(ib):
+        sa, sb = a[ia[i]], b[ib[j]]
+        if not isinstance(sa, int) or not isinstance(sb, int):
+            if sa == sb and sa is not None:
+                blocks.append(([ia[i]], [ib[j]]))
+                i, j = i + 1, j + 1
+                continue
+            return blocks, ia[i:], ib[j:]
+        ba, bb, pa, pb = [ia[i]], [ib[j]], sa, sb
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(ia) or not isinstance(a[ia[i]], int):
+                    return blocks, ba + ia[i:], bb + ib[j:]
+                pa *= a[ia[i]]
+                ba.append(ia[i])
+                i += 1
+            else:
+                if j >= len(ib) or not isinstance(b[ib[j]], int):
+                    return blocks, ba + ia[i:], bb + ib[j:]
+                pb *= b[ib[j]]
+                bb.append(ib[j])
+                j += 1
+        blocks.append((ba, bb))
+    return blocks, ia[i:], ib[j:]
+
+
+class Reshape(OpRule):
+    """Reshape/Flatten: blocks of equal element count; multi-axis blocks factor channels."""
+
+    shape_inputs = (1,)
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        if ctx.input(1) is not None:
+            ctx.skip(ctx.input(1))
+        blocks, rest_a, rest_b = _blocks(list(ctx.shape(x)), list(ctx.shape(y)))
+        for ba, bb in blocks:
+            if len(ba) == 1 and len(bb) == 1:
+                ctx.tie(x, ba[0], y, bb[0])
+            else:
+                ctx.factor(x, ba, y, bb)
+        for k in rest_a:
+            ctx.pin(x, k, "reshape with dynamic axes here")
+        for k in rest_b:
+            ctx.pin(y, k, "reshape with dynamic axes here")
+
+    def rewrite(self, rctx: RewriteContext) -> None:
+        node = rctx.node
+        if node.op != "Reshape":
+            return
+        y = node.outputs[0]
+        ys = rctx.orig_shape(y)
+        updates = {k: rctx.new_size(y, k) for k in range(len(ys)) if rctx.kept(y, k) is not None}
+        rctx.set_shape_entries(1, updates)
+
+
+class Pad(OpRule):
+    shape_inputs = (1, 2, 3)
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        r = len(ctx.shape(x))
+        for i in range(1, len(ctx.node.inputs)):
+            if ctx.input(i) is not None:
+                ctx.skip(ctx.input(i))
+        if "pads" in ctx.attrs:
+            pads, axes = list(ctx.attrs["pads"]), list(range(r))
+        else:
+            pads = ctx.value(ctx.input(1))
+            at = ctx.input(3)
+            axes = list(range(r)) if at is None else ctx.value(at)
+            if pads is None or axes is None:
+                ctx.pin_all("pads computed at run time")
+                return
+            pads, axes = pads.tolist(), [int(a) % r for a in np.atleast_1d(axes)]
+        n = len(axes)
+        padded = {axes[i] for i in range(n) if pads[i] != 0 or pads[i + n] != 0}
+        for k in range(r):
+            if k not in padded:
+                ctx.tie(x, k, y, k)
+
+
+class Resize(OpRule):
+    """Resize/Upsample: axes whose size does not change map one to one."""
+
+    shape_inputs = (1, 2, 3)
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        for i in range(1, len(ctx.node.inputs)):
+            if ctx.input(i) is not None:
+                ctx.skip(ctx.input(i))
+        xs, ys = ctx.shape(x), ctx.shape(y)
+        sizes = ctx.input(3) if ctx.op == "Resize" else None
+        if sizes is not None and ctx.value(sizes) is None:
+            ctx.pin_all("sizes computed at run time")
+            return
+        for k in range(len(xs)):
+            if xs[k] == ys[k]:
+                ctx.tie(x, k, y, k)
+
+    def rewrite(self, rctx: RewriteContext) -> None:
+        node = rctx.node
+        if node.op != "Resize" or len(node.inputs) < 4 or not node.inputs[3].name:
+            return
+        y = node.outputs[0]
+        ys = rctx.orig_shape(y)
+        updates = {k: rctx.new_size(y, k) for k in range(len(ys)) if rctx.kept(y, k) is not None}
+        rctx.set_shape_entries(3, updates)
+
+
+class ShapeOf(OpRule):
+    """Shape/Size read the (possibly pruned) shape at run time: no channel relation."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        ctx.skip(ctx.input(0))
+
+
+class Flatten(Reshape):
+    pass
+
+
+def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
+    for op in UNARY_OPS:
+        reg.register(op, Unary())
+    for op in BROADCAST_OPS:
+        reg.register(op, Broadcast())
+    reg.register("Conv", Conv())
+    reg.register("ConvTranspose", ConvTranspose())
+    reg.register("BatchNormalization", BatchNorm())
+    reg.register("InstanceNormalization", BatchNorm())
+    reg.register("Gemm", Gemm())
+    reg.register("MatMul", MatMul())
+    for op in ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
+        reg.register(op, Pool())
+    for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"):
+        reg.register(op, Reduce())
+    for op in ("Softmax", "LogSoftmax", "Hardmax", "LpNormalization"):
+        reg.register(op, AxisOp())
+    reg.register("Concat", Concat())
+    reg.register("Split", Split())
+    reg.register("Slice", Slice())
+    reg.register("Squeeze", Squeeze())
+    reg.register("Unsqueeze", Squeeze())
+    reg.register("Transpose", Transpose())
+    reg.register("Reshape", Reshape())
+    reg.register("Flatten", Flatten())
+    reg.register("Pad", Pad())
+    reg.register("Resize", Resize())
+    reg.register("Upsample", Resize())
+    reg.register("Shape", ShapeOf())
+    reg.register("Size", ShapeOf())
+    return reg

@@ -1,0 +1,257 @@
+"""Allocate: choose which channels go to reach the MACs/params target."""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graphprune.cost import node_cost_terms, param_cost_terms
+from graphprune.errors import BadInputError, NothingToPruneError
+from graphprune.pipeline import Pass, PassResult, PruneContext
+
+__all__ = ["AllocatePass", "PrunePlan", "CostTracker"]
+
+TOLERANCE = 0.02
+
+
+@dataclass
+class PrunePlan:
+    """Channel indices (in group order) removed from each group."""
+
+    removed: dict = field(default_factory=dict)  # group id -> np.ndarray
+
+    def removed_labels(self, groups) -> np.ndarray:
+        by_id = {g.id: g for g in groups}
+        parts = [by_id[gid].channel_labels[idx] for gid, idx in self.removed.items() if len(idx)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+class CostTracker:
+    """MACs and params as products of dimension sizes, updated as channels are removed."""
+
+    def __init__(self, ctx: PruneContext):
+        dg = ctx.dependency
+        model = ctx.model
+        self.sizes = np.array(dg.dim_size, dtype=np.float64)
+        self.terms = {"macs": [], "params": []}
+        terms = {"macs": [t for n in model.graph.nodes for t in node_cost_terms(n)],
+                 "params": param_cost_terms(model)}
+        tensors = model.graph.tensors()
+        from graphprune.graph import tensor_shape
+
+        self.dim_terms: dict[int, list[tuple[str, int]]] = {}
+        for metric, lst in terms.items():
+            for term in lst:
+                coef, dims = term.coef, []
+                for t, ax in term.axes:
+                    shape = tensor_shape(tensors[t]) if t in tensors else None
+                    if shape is None:
+                        continue
+                    ax = ax % len(shape)
+                    d = dg.dim_index.get(_dim_key(t, ax))
+                    size = shape[ax]
+                    if d is None or dg.dim_opaque[d]:
+                        coef *= size if isinstance(size, int) and size > 0 else 1
+                    else:
+                        dims.append(d)
+                k = len(self.terms[metric])
+                self.terms[metric].append((coef, dims))
+                for d in dims:
+                    self.dim_terms.setdefault(d, []).append((metric, k))
+        self.values = {m: np.array([self._value(m, k) for k in range(len(v))]) for m, v in self.terms.items()}
+        self.original = {m: float(v.sum()) for m, v in self.values.items()}
+
+    def _value(self, metric: str, k: int) -> float:
+        coef, dims = self.terms[metric][k]
+        return coef * float(np.prod(self.sizes[dims])) if dims else coef
+
+    def total(self, metric: str) -> float:
+        return float(self.values[metric].sum())
+
+    def apply(self, deltas: dict[int, float]) -> dict[str, float]:
+        for d, n in deltas.items():
+            self.sizes[d] -= n
+        for d in deltas:
+            for metric, k in self.dim_terms.get(d, ()):
+                self.values[metric][k] = self._value(metric, k)
+        return {m: self.total(m) for m in self.values}
+
+    def undo(self, deltas: dict[int, float]) -> None:
+        self.apply({d: -n for d, n in deltas.items()})
+
+
+def _dim_key(t, ax):
+    from graphprune.dependency import Dim
+
+    return Dim(t, ax)
+
+
+def _channel_deltas(dg, group) -> dict[int, float]:
+    """How many elements one channel of the group takes from each dimension."""
+    out = {}
+    for m in group.members:
+        d = dg.dim_index[_dim_key(m.tensor, m.axis)]
+        out[d] = out.get(d, 0) + float(np.mean([len(ix) for ix in m.indices]))
+    return out
+
+
+def _step_and_floor(group, round_to: int, min_keep: float) -> tuple[int, int]:
+    n = group.size
+    step = round_to if round_to > 1 and n % round_to == 0 and n > round_to else 1
+    keep = max(1, math.ceil(min_keep * n))
+    keep = int(math.ceil(keep / step) * step)
+    return step, min(keep, n)
+
+
+class AllocatePass(Pass):
+    """Global ranking across groups (scores normalised per group), in blocks of --round-to."""
+
+    name = "allocate"
+    requires = ("groups", "scores")
+    ensures = ("plan",)
+
+    def call(self, ctx: PruneContext) -> PassResult:
+        targets = {m: ctx.option(f"target_{m}") for m in ("macs", "params")}
+        targets = {m: float(r) for m, r in targets.items() if r is not None}
+        if not targets:
+            raise BadInputError("give a target: target_flops (--target-flops) or target_params (--target-params)")
+        tracker = CostTracker(ctx)
+        ctx.report["cost_model"] = {"macs_before": tracker.original["macs"], "params_before": tracker.original["params"]}
+        candidates = [g for g in ctx.groups if g.id not in ctx.protected and g.size > 1]
+        if not candidates:
+            raise NothingToPruneError(
+                "nothing to prune: every channel is pinned or protected (run `graphprune analyze` to see why)")
+        round_to = int(ctx.option("round_to", 8) or 1)
+        min_keep = float(ctx.option("min_keep", 0.1))
+        if ctx.option("uniform", False):
+            plan = self._uniform(ctx, tracker, candidates, targets, round_to, min_keep)
+        else:
+            plan = self._global(ctx, tracker, candidates, targets, round_to, min_keep)
+        achieved = {m: tracker.total(m) / max(tracker.original[m], 1e-12) for m in targets}
+        unmet = {m: a for m, a in achieved.items() if a > targets[m] + 1e-9}
+        if unmet:
+            m, a = next(iter(unmet.items()))
+            raise NothingToPruneError(
+                f"cannot reach {m} target {targets[m]:.3f}: the most that can be removed leaves {a:.3f} "
+                f"(pinned channels, min-keep {min_keep} and protected layers limit it; see `graphprune analyze`)")
+        ctx.plan = plan
+        ctx.report["allocation"] = {"targets": targets, "achieved_estimate": achieved}
+        return PassResult(info=achieved)
+
+    def _global(self, ctx, tracker, groups, targets, round_to, min_keep) -> PrunePlan:
+        dg = ctx.dependency
+        heap, state = [], {}
+        for g in groups:
+            s = ctx.scores[g.id]
+            mean = float(np.mean(np.abs(s)))
+            norm = s / mean if mean > 0 else s
+            order = np.argsort(norm, kind="stable")
+            step, keep = _step_and_floor(g, round_to, min_keep)
+            state[g.id] = {"order": order, "norm": norm, "step": step, "limit": g.size - keep, "taken": 0,
+                           "deltas": _channel_deltas(dg, g)}
+            self._push(heap, g.id, state[g.id])
+        lo = {m: r - TOLERANCE for m, r in targets.items()}
+        orig = tracker.original
+        removed: dict[int, list] = {}
+        skipped: list[int] = []
+
+        def unmet() -> bool:
+            return any(tracker.total(m) > targets[m] * orig[m] for m in targets)
+
+        # pass 1 stays inside [R - tolerance, R]; pass 2 (only when round-to blocks are too
+        # coarse to land there) accepts overshooting, so the target is always met
+        for strict in (True, False):
+            while heap and unmet():
+                _, gid, _ = heapq.heappop(heap)
+                st = state[gid]
+                k = st["step"]
+                deltas = {d: n * k for d, n in st["deltas"].items()}
+                totals = tracker.apply(deltas)
+                if strict and any(totals[m] < lo[m] * orig[m] for m in targets):
+                    tracker.undo(deltas)  # overshoots: leave this group for pass 2
+                    skipped.append(gid)
+                    continue
+                removed.setdefault(gid, []).extend(st["order"][st["taken"]:st["taken"] + k].tolist())
+                st["taken"] += k
+                self._push(heap, gid, st)
+            if not unmet():
+                break
+            if not skipped:
+                break
+            ctx.report.setdefault("warnings", []).append(
+                f"--round-to {round_to} blocks are too coarse to land within {TOLERANCE} of the target; "
+                "the result overshoots it (try --round-to 1)")
+            while unmet():  # pass 2: each time, the block that removes the least
+                best = None
+                for gid in set(skipped):
+                    st = state[gid]
+                    if st["taken"] + st["step"] > st["limit"]:
+                        continue
+                    deltas = {d: n * st["step"] for d, n in st["deltas"].items()}
+                    totals = tracker.apply(deltas)
+                    tracker.undo(deltas)
+                    key = sum(totals[m] / orig[m] for m in targets)
+                    if best is None or key > best[0]:
+                        best = (key, gid, deltas)
+                if best is None:
+                    break
+                _, gid, deltas = best
+                st = state[gid]
+                tracker.apply(deltas)
+                removed.setdefault(gid, []).extend(st["order"][st["taken"]:st["taken"] + st["step"]].tolist())
+                st["taken"] += st["step"]
+            break
+        return PrunePlan({gid: np.sort(np.array(ix, dtype=np.int64)) for gid, ix in removed.items()})
+
+    @staticmethod
+    def _push(heap, gid, st):
+        t, k = st["taken"], st["step"]
+        if t + k <= st["limit"]:
+            block = st["norm"][st["order"][t:t + k]]
+            heapq.heappush(heap, (float(np.mean(block)), gid, t))
+
+    def _uniform(self, ctx, tracker, groups, targets, round_to, min_keep) -> PrunePlan:
+        dg = ctx.dependency
+        info = {g.id: (_step_and_floor(g, round_to, min_keep), _channel_deltas(dg, g)) for g in groups}
+
+        def counts(r: float) -> dict[int, int]:
+            out = {}
+            for g in groups:
+                (step, keep), _ = info[g.id]
+                n_rm = int(math.floor(g.size * r / step) * step)
+                out[g.id] = min(n_rm, g.size - keep)
+            return out
+
+        def cost_at(r: float) -> dict[str, float]:
+            c = counts(r)
+            deltas: dict[int, float] = {}
+            for gid, n in c.items():
+                for d, per in info[gid][1].items():
+                    deltas[d] = deltas.get(d, 0) + per * n
+            totals = tracker.apply(deltas)
+            tracker.undo(deltas)
+            return totals
+
+        orig = tracker.original
+        lo_r, hi_r = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo_r + hi_r) / 2
+            totals = cost_at(mid)
+            if all(totals[m] <= targets[m] * orig[m] for m in targets):
+                hi_r = mid
+            else:
+                lo_r = mid
+        c = counts(hi_r)
+        deltas: dict[int, float] = {}
+        removed = {}
+        for g in groups:
+            n = c[g.id]
+            if n <= 0:
+                continue
+            removed[g.id] = np.sort(np.argsort(ctx.scores[g.id], kind="stable")[:n])
+            for d, per in info[g.id][1].items():
+                deltas[d] = deltas.get(d, 0) + per * n
+        tracker.apply(deltas)
+        return PrunePlan(removed)

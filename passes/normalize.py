@@ -1,0 +1,80 @@
+"""Normalize: turn Constant nodes and constant sub-graphs into initializers, infer shapes."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from graphprune.graph import Model
+from graphprune.pipeline import Pass, PassResult, PruneContext
+
+__all__ = ["NormalizePass", "fold_constants"]
+
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                     "Bernoulli"}
+_MAX_FOLD_ELEMENTS = 1 << 26
+
+
+def _has_subgraph(node: gs.Node) -> bool:
+    return any(isinstance(v, gs.Graph) or (isinstance(v, list) and v and isinstance(v[0], gs.Graph))
+               for v in node.attrs.values())
+
+
+def _evaluate(node: gs.Node, opsets: list) -> list[np.ndarray]:
+    from onnx.reference import ReferenceEvaluator
+
+    proto = OnnxExporter.export_node(node)
+    inputs = [t for t in node.inputs if t.name]
+    graph = onnx.helper.make_graph(
+        [proto], "fold",
+        [onnx.helper.make_tensor_value_info(t.name, onnx.helper.np_dtype_to_tensor_dtype(np.asarray(t.values).dtype), None)
+         for t in inputs],
+        [onnx.helper.make_tensor_value_info(t.name, onnx.TensorProto.UNDEFINED, None) for t in node.outputs if t.name],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=opsets)
+    feeds = {t.name: np.asarray(t.values) for t in inputs}
+    return ReferenceEvaluator(model).run(None, feeds)
+
+
+def fold_constants(graph: gs.Graph, opsets: list) -> int:
+    """Replace nodes whose inputs are all constant by their (evaluated) outputs."""
+    folded = 0
+    graph.toposort()
+    for node in list(graph.nodes):
+        if node.domain not in ("", "ai.onnx") or node.op in _NONDETERMINISTIC or _has_subgraph(node):
+            continue
+        if not node.outputs or any(not isinstance(t, gs.Constant) for t in node.inputs if t.name):
+            continue
+        if node.op != "Constant" and not node.inputs:
+            if node.op not in ("ConstantOfShape",):
+                continue
+        try:
+            values = _evaluate(node, opsets)
+        except Exception:
+            continue
+        if sum(np.asarray(v).size for v in values) > _MAX_FOLD_ELEMENTS:
+            continue
+        outs = [t for t in node.outputs if t.name]
+        graph_outputs = {t.name for t in graph.outputs}
+        if any(t.name in graph_outputs for t in outs):
+            continue
+        for t, v in zip(outs, values):
+            t.to_constant(np.asarray(v))
+        node.outputs.clear()
+        folded += 1
+    graph.cleanup()
+    return folded
+
+
+class NormalizePass(Pass):
+    """Fold constants (so weights held in Constant nodes or constant sub-graphs are weights)."""
+
+    name = "normalize"
+
+    def call(self, ctx: PruneContext) -> PassResult:
+        model: Model = ctx.model
+        n = fold_constants(model.graph, model.meta.opset_imports)
+        if n:
+            ctx.model = Model.from_proto(model.to_proto(infer=False), model.meta)
+        return PassResult(modified=bool(n), info={"folded": n})

@@ -1,0 +1,72 @@
+"""Rewrite: emit the physically smaller graph for a plan."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphprune.graph import tensor_shape
+from graphprune.oprules import RewriteContext
+from graphprune.pipeline import Pass, PassResult, PruneContext
+
+__all__ = ["RewritePass", "apply_plan"]
+
+
+def kept_indices(dg, removed_labels: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
+    kept = {}
+    for dim, rm in dg.removed_elements(removed_labels).items():
+        size = dg.dim_size[dg.dim_index[dim]]
+        kept[(dim.tensor, dim.axis)] = np.setdiff1d(np.arange(size), rm)
+    return kept
+
+
+def apply_plan(ctx: PruneContext) -> dict[tuple[str, int], np.ndarray]:
+    """Slice weights, fix attributes and shape constants; returns the kept indices used."""
+    dg, model = ctx.dependency, ctx.model
+    graph = model.graph
+    labels = ctx.plan.removed_labels(ctx.groups)
+    kept = kept_indices(dg, labels)
+    tensors = graph.tensors()
+    orig_shapes = {name: tensor_shape(t) for name, t in tensors.items()}
+    used = set(tensors)
+    counter = itertools.count()
+
+    def namer(base: str) -> str:
+        while True:
+            name = f"{base}_gp{next(counter)}"
+            if name not in used:
+                used.add(name)
+                return name
+
+    for node in list(graph.nodes):
+        rule = ctx.registry.lookup(node.domain or "", node.op, model.opset)
+        if rule is not None:
+            rule.rewrite(RewriteContext(node, kept, orig_shapes, graph, namer, model.opset))
+    by_tensor: dict[str, list] = {}
+    for (name, axis), idx in kept.items():
+        by_tensor.setdefault(name, []).append((axis, idx))
+    io = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for name, axes in by_tensor.items():
+        t = tensors[name]
+        if isinstance(t, gs.Constant):
+            values = np.asarray(t.values)
+            for axis, idx in axes:
+                values = np.take(values, idx, axis=axis)
+            t.values = np.ascontiguousarray(values)
+        elif name in io:
+            raise AssertionError(f"graph input/output {name} would change shape")
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and t.name not in io:
+            t.shape = None
+    return kept
+
+
+class RewritePass(Pass):
+    name = "rewrite"
+    requires = ("plan", "dependency")
+
+    def call(self, ctx: PruneContext) -> PassResult:
+        kept = apply_plan(ctx)
+        ctx.report["changed_axes"] = len(kept)
+        return PassResult(modified=bool(kept))

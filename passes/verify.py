@@ -1,0 +1,30 @@
+"""Verify: the output passes onnx.checker (full shape inference); costs after; optional oracle."""
+from __future__ import annotations
+
+import onnx
+
+from graphprune.cost import model_cost
+from graphprune.pipeline import Pass, PassResult, PruneContext
+
+__all__ = ["VerifyPass"]
+
+
+class VerifyPass(Pass):
+    name = "verify"
+
+    def call(self, ctx: PruneContext) -> PassResult:
+        proto = ctx.model.to_proto()
+        if proto.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(proto, full_check=True)
+        before, after = model_cost(ctx.original), model_cost(ctx.model)
+        ctx.report.update({
+            "macs_before": int(before.macs), "macs_after": int(after.macs),
+            "params_before": int(before.params), "params_after": int(after.params),
+            "macs_ratio": after.macs / before.macs if before.macs else 1.0,
+            "params_ratio": after.params / before.params if before.params else 1.0,
+        })
+        if ctx.option("verify", False):
+            from graphprune.verify import check_mask_equivalence
+
+            ctx.report["oracle"] = check_mask_equivalence(ctx.original, proto, ctx.dependency, ctx.plan, ctx.groups)
+        return PassResult()
