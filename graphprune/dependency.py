@@ -220,17 +220,12 @@ class DependencyGraph:
         pending = list(self.factors)
         while pending:
             classes = self._dim_classes()
-            channel_like = set()
-            for d, role in self.dim_role.items():
-                channel_like.add(classes[d])
-            progressed = []
-            for fb in pending:
-                if fb.resolve(self, classes, channel_like, fallback=False):
-                    progressed.append(fb)
-            if not progressed:
-                for fb in pending:
-                    fb.resolve(self, classes, channel_like, fallback=True)
-                break
+            channel_like = {classes[d] for d in self.dim_role}
+            pinned = {classes[d] for d in self.dim_pin}
+            progressed = [fb for fb in pending if fb.resolve(self, classes, channel_like, pinned, fallback=False)]
+            if not progressed:  # decide one block by default, then look again
+                pending[0].resolve(self, classes, channel_like, pinned, fallback=True)
+                progressed = [pending[0]]
             pending = [fb for fb in pending if fb not in progressed]
         sizes = np.array(self.dim_size, dtype=np.int64)
         offsets = np.zeros(len(sizes) + 1, dtype=np.int64)

@@ -42,7 +42,7 @@ def fold_constants(graph: gs.Graph, opsets: list) -> int:
     folded = 0
     graph.toposort()
     for node in list(graph.nodes):
-        if node.domain not in ("", "ai.onnx") or node.op in _NONDETERMINISTIC or _has_subgraph(node):
+        if (node.domain or "") not in ("", "ai.onnx") or node.op in _NONDETERMINISTIC or _has_subgraph(node):
             continue
         if not node.outputs or any(not isinstance(t, gs.Constant) for t in node.inputs if t.name):
             continue

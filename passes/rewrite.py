@@ -42,7 +42,7 @@ def apply_plan(ctx: PruneContext) -> dict[tuple[str, int], np.ndarray]:
     for node in list(graph.nodes):
         rule = ctx.registry.lookup(node.domain or "", node.op, model.opset)
         if rule is not None:
-            rule.rewrite(RewriteContext(node, kept, orig_shapes, graph, namer, model.opset))
+            rule.rewrite(RewriteContext(node, kept, orig_shapes, graph, namer, model.opset, model.value))
     by_tensor: dict[str, list] = {}
     for (name, axis), idx in kept.items():
         by_tensor.setdefault(name, []).append((axis, idx))

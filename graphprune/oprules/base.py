@@ -138,9 +138,9 @@ class RuleContext:
     def is_const(t: gs.Tensor | None) -> bool:
         return isinstance(t, gs.Constant)
 
-    @staticmethod
-    def value(t: gs.Tensor | None) -> np.ndarray | None:
-        return None if t is None else const_values(t)
+    def value(self, t: gs.Tensor | None) -> np.ndarray | None:
+        """A constant's values, or a run-time shape expression's value when it is static."""
+        return None if t is None else self.dg.model.value(t)
 
     def policy(self, key: str, default=None):
         return self.dg.policy.get(key, default)
@@ -269,25 +269,30 @@ class FactorBlock:
     def __init__(self, node: str, op: str, dims_a: list[int], dims_b: list[int]):
         self.node, self.op, self.dims_a, self.dims_b = node, op, dims_a, dims_b
 
-    def _choose(self, dg, dims, classes, channel_like, fallback, split, prefer_outer):
+    def _choose(self, dg, dims, classes, channel_like, pinned, fallback, split):
+        """The carrier axis of one side, or None to wait for more information."""
         cands = [d for d in dims if dg.dim_size[d] > 1 and not dg.dim_opaque[d]]
-        known = [d for d in cands if classes[d] in channel_like]
+        free = [d for d in cands if classes[d] not in pinned]
+        if len(cands) <= 1:
+            return cands[0] if cands else None
+        prefer_outer = bool(dg.policy.get("factor_outer", False))
+        known = [d for d in free if classes[d] in channel_like]
         if len(known) == 1:
             return known[0]
         if len(known) > 1:
-            return known[0] if prefer_outer else known[-1]
+            return known[-1] if dg.policy.get("factor_inner", False) else known[0]
         if not fallback:
             return None
-        if not cands:
-            return None
-        return cands[-1] if split and not prefer_outer else cands[0]
+        pool = free or cands
+        if len(pool) == 1:
+            return pool[0]
+        return pool[-1] if split and not prefer_outer else pool[0]
 
-    def resolve(self, dg, classes, channel_like, *, fallback: bool) -> bool:
-        prefer_outer = bool(dg.policy.get("factor_outer", False))
+    def resolve(self, dg, classes, channel_like, pinned, *, fallback: bool) -> bool:
         split = len(self.dims_a) == 1 and len(self.dims_b) > 1
         merge = len(self.dims_b) == 1 and len(self.dims_a) > 1
-        ca = self._choose(dg, self.dims_a, classes, channel_like, fallback, merge, prefer_outer)
-        cb = self._choose(dg, self.dims_b, classes, channel_like, fallback, split, prefer_outer)
+        ca = self._choose(dg, self.dims_a, classes, channel_like, pinned, fallback, merge)
+        cb = self._choose(dg, self.dims_b, classes, channel_like, pinned, fallback, split)
         if ca is None or cb is None:
             if not fallback:
                 return False
@@ -310,9 +315,11 @@ class FactorBlock:
 class RewriteContext:
     """What an op rule sees of one node after channels were removed."""
 
-    def __init__(self, node: gs.Node, kept: dict, orig_shapes: dict, graph: gs.Graph, namer, opset: int):
+    def __init__(self, node: gs.Node, kept: dict, orig_shapes: dict, graph: gs.Graph, namer, opset: int,
+                 value=const_values):
         self.node = node
         self.graph_opset = opset
+        self.value = value  # value(tensor) -> np.ndarray | None (constants and static shape values)
         self._kept = kept
         self._orig = orig_shapes
         self.graph = graph

@@ -379,10 +379,10 @@ class Slice(OpRule):
             starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
             axes = list(node.attrs.get("axes", range(len(starts))))
         else:
-            starts = np.asarray(node.inputs[1].values).tolist()
-            ends = np.asarray(node.inputs[2].values).tolist()
+            starts = np.asarray(rctx.value(node.inputs[1])).tolist()
+            ends = np.asarray(rctx.value(node.inputs[2])).tolist()
             has_axes = len(node.inputs) > 3 and node.inputs[3].name
-            axes = np.asarray(node.inputs[3].values).tolist() if has_axes else list(range(len(starts)))
+            axes = np.asarray(rctx.value(node.inputs[3])).tolist() if has_axes else list(range(len(starts)))
         for i, a in enumerate(axes):
             k = int(a) % r
             if k not in changed:
@@ -396,8 +396,8 @@ class Slice(OpRule):
         if rctx.graph_opset < 10:
             node.attrs["starts"], node.attrs["ends"] = starts, ends
         else:
-            node.inputs[1] = rctx.constant(np.array(starts, dtype=np.asarray(node.inputs[1].values).dtype), "starts")
-            node.inputs[2] = rctx.constant(np.array(ends, dtype=np.asarray(node.inputs[2].values).dtype), "ends")
+            node.inputs[1] = rctx.constant(np.array(starts, dtype=np.asarray(rctx.value(node.inputs[1])).dtype), "starts")
+            node.inputs[2] = rctx.constant(np.array(ends, dtype=np.asarray(rctx.value(node.inputs[2])).dtype), "ends")
 
 
 def _squeeze_axes(ctx, r_in, r_out, squeeze: bool):
@@ -567,6 +567,80 @@ class Flatten(Reshape):
     pass
 
 
+class Expand(OpRule):
+    """Expand: aligned axes of equal size map one to one; axes born by broadcasting are free
+    (their size lives in the shape input, which the rewrite updates)."""
+
+    shape_inputs = (1,)
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, shp, y = ctx.input(0), ctx.input(1), ctx.output(0)
+        ctx.skip(shp)
+        xs, ys = ctx.shape(x), ctx.shape(y)
+        off = len(ys) - len(xs)
+        born = [j for j in range(len(ys)) if (j < off or xs[j - off] == 1) and isinstance(ys[j], int) and ys[j] > 1]
+        for j in range(len(ys)):
+            k = j - off
+            if k >= 0 and xs[k] == ys[j]:
+                ctx.tie(x, k, y, j)
+                if born and ctx.policy("gqa_uniform", False) and isinstance(xs[k], int) and xs[k] > 1:
+                    # repeat_kv under --gqa-uniform: KV heads stay, query heads go evenly per KV group
+                    ctx.pin(x, k, "--gqa-uniform keeps every KV head")
+            elif j in born:
+                ctx.skip(y, j)
+
+    def rewrite(self, rctx: RewriteContext) -> None:
+        y = rctx.node.outputs[0]
+        ys = rctx.orig_shape(y)
+        updates = {k: rctx.new_size(y, k) for k in range(len(ys)) if rctx.kept(y, k) is not None}
+        rctx.set_shape_entries(1, updates)
+
+
+class LayerNorm(OpRule):
+    """LayerNormalization (and RMSNormalization): leading axes map one to one; the normalized
+    axes mix their elements, so they are pinned unless hidden-width pruning is asked for."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x = ctx.input(0)
+        r = len(ctx.shape(x))
+        axis = int(ctx.attrs.get("axis", -1)) % r
+        outs = [o for o in ctx.node.outputs if o.name]
+        for out in outs:
+            for k in range(axis):
+                ctx.tie(x, k, out, k)
+        y = ctx.output(0)
+        if ctx.policy("prune_hidden", False):
+            for k in range(axis, r):
+                ctx.tie(x, k, y, k)
+            for i in range(1, len(ctx.node.inputs)):
+                p = ctx.input(i)
+                if p is not None:
+                    ctx.broadcast([p], [y])
+            return
+        reason = "normalized axis: hidden width is pinned (ask for prune_hidden to prune it)"
+        for k in range(axis, r):
+            ctx.pin(x, k, reason)
+            ctx.pin(y, k, reason)
+
+
+class Gather(OpRule):
+    """Gather: an embedding lookup (axis 0) keeps the table's other axes as channels."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        data, idx, y = ctx.input(0), ctx.input(1), ctx.output(0)
+        ds, is_ = ctx.shape(data), ctx.shape(idx)
+        axis = int(ctx.attrs.get("axis", 0)) % len(ds)
+        for k in range(len(ds)):
+            if k < axis:
+                ctx.tie(data, k, y, k)
+            elif k > axis:
+                ctx.tie(data, k, y, k - 1 + len(is_))
+                if ctx.is_const(data):
+                    ctx.role(data, k, ROLE_PARAM)
+        for k in range(len(is_)):
+            ctx.tie(idx, k, y, axis + k)
+
+
 def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
     for op in UNARY_OPS:
         reg.register(op, Unary())
@@ -598,4 +672,8 @@ def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
     reg.register("Upsample", Resize())
     reg.register("Shape", ShapeOf())
     reg.register("Size", ShapeOf())
+    reg.register("Expand", Expand())
+    reg.register("LayerNormalization", LayerNorm())
+    reg.register("RMSNormalization", LayerNorm())
+    reg.register("Gather", Gather())
     return reg
