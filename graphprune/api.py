@@ -41,7 +41,8 @@ class PruneResult:
     context: PruneContext = field(repr=False)
 
     def save(self, path: "str | os.PathLike") -> str:
-        return str(save_model(self.model, path, external_data=self.context.model.meta.had_external_data or None))
+        meta = self.context.model.meta
+        return str(save_model(self.model, path, external_data=meta.had_external_data or None, base_dir=meta.base_dir))
 
 
 @dataclass
@@ -85,12 +86,16 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
           target_params: float | None = None, criterion: str = "l1", round_to: int = 8, min_keep: float = 0.1,
           protect: list[str] | tuple = (), uniform: bool = False, seed: int = 0, verify: bool = False,
           registry: OpRuleRegistry | None = None, pipeline: PassManager | None = None, progress: bool = False,
-          policy: dict | None = None, **options) -> PruneResult:
+          policy: dict | None = None, gqa_uniform: bool = False, **options) -> PruneResult:
     """Prune `model` to `target_flops` (fraction of MACs kept) and/or `target_params`.
 
     `registry` holds op rules (default: built-ins plus user-registered), `pipeline` the
-    passes (default: :func:`default_pipeline`). The input is never modified.
+    passes (default: :func:`default_pipeline`). `gqa_uniform` prunes query heads evenly
+    inside every KV group instead of removing whole KV groups. The input is never modified.
     """
+    policy = dict(policy or {})
+    if gqa_uniform:
+        policy["gqa_uniform"] = True
     tf = _validate_ratio("target_flops", target_flops)
     tp = _validate_ratio("target_params", target_params)
     if tf is None and tp is None:
@@ -105,7 +110,7 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
         raise BadInputError(f"unknown criterion {criterion!r} (choose from {', '.join(criterion_names())})")
     opts = dict(options, target_macs=tf, target_params=tp, criterion=criterion, round_to=int(round_to),
                 min_keep=float(min_keep), protect=list(protect), uniform=uniform, seed=seed, verify=verify,
-                policy=policy or {})
+                policy=policy)
     t0 = time.perf_counter()
     ctx = _context(model, registry, opts, progress)
     (pipeline or default_pipeline()).run(ctx)
@@ -130,8 +135,10 @@ def _group_report(ctx: PruneContext) -> list[dict]:
 
 
 def analyze(model: "str | os.PathLike | onnx.ModelProto", *, registry: OpRuleRegistry | None = None,
-            pipeline: PassManager | None = None, policy: dict | None = None) -> AnalysisResult:
+            pipeline: PassManager | None = None, policy: dict | None = None,
+            gqa_uniform: bool = False) -> AnalysisResult:
     """Groups, pinned channels (with reasons) and MACs per layer, without changing anything."""
+    policy = dict(policy or {}, **({"gqa_uniform": True} if gqa_uniform else {}))
     ctx = _context(model, registry, {"policy": policy or {}}, False)
     (pipeline or analysis_pipeline()).run(ctx)
     return AnalysisResult(ctx.groups, ctx.dependency.pinned, model_cost(ctx.model), ctx)

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protect", nargs="+", default=[], metavar="NODE",
                    help="node names (glob patterns allowed) whose channels are left untouched")
     p.add_argument("--uniform", action="store_true", help="prune every group by the same ratio")
+    p.add_argument("--gqa-uniform", action="store_true",
+                   help="grouped-query attention: prune query heads evenly inside every KV group (default: "
+                        "a KV head and the query heads sharing it go together)")
     p.add_argument("--seed", type=int, default=0, help="seed for random criteria and synthetic inputs (default: 0)")
     p.add_argument("--verify", action="store_true",
                    help="check the mask-equivalence oracle with onnxruntime (needs onnxruntime)")
@@ -94,6 +97,7 @@ def build_analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="input .onnx file")
     p.add_argument("--json", metavar="PATH", help="also write the analysis as JSON")
     p.add_argument("--top", type=int, default=30, metavar="N", help="layers to list by MACs (default: 30)")
+    p.add_argument("--gqa-uniform", action="store_true", help="analyze as `--gqa-uniform` would prune")
     return p
 
 
@@ -131,13 +135,19 @@ def _run_prune(args) -> int:
         raise BadInputError("give --target-flops R or --target-params R (the fraction to keep, in (0, 1])")
     src = Path(args.model)
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}.pruned.onnx")
-    if src.exists() and out.exists() and out.resolve() == src.resolve():
+    if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
         raise BadInputError(f"output {out} is the input file; choose another -o")
+    if out.is_dir():
+        raise BadInputError(f"output {out} is a directory; give a file name with -o")
     progress = not args.quiet and sys.stderr.isatty()
     result = prune(str(src), target_flops=args.target_flops, target_params=args.target_params,
                    criterion=args.criterion, round_to=args.round_to, min_keep=args.min_keep, protect=args.protect,
-                   uniform=args.uniform, seed=args.seed, verify=args.verify, progress=progress)
-    result.save(out)
+                   uniform=args.uniform, seed=args.seed, verify=args.verify, progress=progress,
+                   gqa_uniform=args.gqa_uniform)
+    try:
+        result.save(out)
+    except OSError as exc:
+        raise BadInputError(f"cannot write {out}: {exc.strerror or exc}") from None
     r = result.report
     if args.report:
         _write_json(args.report, r | {"input": str(src), "output": str(out)})
@@ -162,13 +172,14 @@ def _run_analyze(argv) -> int:
     from .api import analyze
 
     args = build_analyze_parser().parse_args(argv)
-    res = analyze(args.model)
+    res = analyze(args.model, gqa_uniform=args.gqa_uniform)
     d = res.to_dict()
     print(f"MACs {_fmt(d['macs'])}  params {_fmt(d['params'])}  groups {len(d['groups'])}")
     print("\nprunable groups:")
     for g in res.groups:
         weights = [f"{m.tensor}[{m.axis}]" for m in g.members if m.is_weight and m.role in ("out", "reduce")]
-        print(f"  #{g.id:<3} {g.size:>5} ch  {', '.join(weights[:4])}{' ...' if len(weights) > 4 else ''}")
+        unit = f"{g.size:>5} heads x {g.width}" if g.kind == "heads" else f"{g.size:>5} ch"
+        print(f"  #{g.id:<3} {unit}  {', '.join(weights[:4])}{' ...' if len(weights) > 4 else ''}")
     print("\npinned (never removed):")
     if not res.pinned:
         print("  none")

@@ -56,6 +56,12 @@ class ChannelGroup:
     round_base: int = 0      # original size of the root dimension (for --round-to)
     name: str = ""
     nodes: list = field(default_factory=list)  # node names whose weights are members
+    width: int = 1           # elements per channel in the root weight (head_dim for attention heads)
+
+    @property
+    def kind(self) -> str:
+        """'heads' when each unit spans several producer rows (attention heads), else 'channels'."""
+        return "heads" if self.width > 1 else "channels"
 
     def weight_members(self, roles: Iterable[str] = (ROLE_OUT, ROLE_REDUCE)) -> list:
         roles = set(roles)
@@ -66,6 +72,8 @@ class ChannelGroup:
             "id": self.id,
             "name": self.name,
             "channels": self.size,
+            "kind": self.kind,
+            "width": self.width,
             "members": [
                 {"tensor": m.tensor, "axis": m.axis, "role": m.role, "weight": m.is_weight,
                  "elements_per_channel": m.size_per_channel}
@@ -287,6 +295,7 @@ class DependencyGraph:
             groups.append(ChannelGroup(
                 id=0, members=members, channel_labels=labs_arr, size=len(labs_arr),
                 round_base=self.dim_size[root[1]], name=f"{root[0].tensor}[{root[0].axis}]",
+                width=int(len(root[0].indices[0])),
             ))
         groups.sort(key=lambda g: (self._first_node_index(g), g.name))
         for i, g in enumerate(groups):

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import BadInputError
-from .model_io import ModelMeta, load_model
+from .model_io import ModelMeta, load_model, materialize
 from .shape_eval import ShapeEvaluator
 
 __all__ = ["Model", "Shape"]
@@ -41,6 +42,7 @@ class Model:
         except Exception as exc:
             raise BadInputError(f"cannot read the graph: {exc}") from None
         refined: dict = {}
+        _attach_base_dir(graph, meta.base_dir)
         for _ in range(8):  # onnx cannot infer reshape(b, s, -1) or run-time shapes: deduce them
             if not refine_shapes(graph, meta.opset_imports, refined):
                 break
@@ -50,6 +52,7 @@ class Model:
                     t.shape = refined.get(name)
             proto = infer_shapes(_export(graph, meta))
             graph = gs.import_onnx(proto)
+            _attach_base_dir(graph, meta.base_dir)
         return cls(graph, meta)
 
     @property
@@ -67,16 +70,19 @@ class Model:
             return None
         return self.shapes.value(t)
 
-    def to_proto(self, *, infer: bool = True) -> onnx.ModelProto:
-        graph = self.graph.copy() if False else self.graph
-        proto = gs.export_onnx(graph, do_type_check=False)
+    def to_proto(self, *, infer: bool = True, materialize_data: bool = True) -> onnx.ModelProto:
+        """Export to ONNX with the input's IR version and opsets; external weights are read in
+        (under 2 GB) unless `materialize_data` is False."""
+        proto = gs.export_onnx(self.graph, do_type_check=False)
         self.meta.apply(proto)
         if infer:
             proto = infer_shapes(proto)
+        if materialize_data and self.meta.had_external_data:
+            materialize(proto, self.meta.base_dir)
         return proto
 
     def copy(self) -> "Model":
-        return Model.from_proto(self.to_proto(infer=False), self.meta)
+        return Model.from_proto(self.to_proto(infer=False, materialize_data=False), self.meta)
 
     def tensors(self) -> dict:
         return self.graph.tensors()
@@ -84,6 +90,26 @@ class Model:
     @property
     def opset(self) -> int:
         return self.meta.default_opset
+
+
+class _ExternalValues(LazyValues):
+    """LazyValues that read external data relative to the model's folder."""
+
+    def __init__(self, tensor, base_dir: str):
+        super().__init__(tensor)
+        self.base_dir = base_dir
+
+    def load(self):
+        return np.array(onnx.numpy_helper.to_array(self.tensor, self.base_dir))
+
+
+def _attach_base_dir(graph: gs.Graph, base_dir: str) -> None:
+    for t in graph.tensors().values():
+        lv = getattr(t, "_values", None)
+        if isinstance(t, gs.Constant) and isinstance(lv, LazyValues) and not isinstance(lv, _ExternalValues) \
+                and onnx.external_data_helper.uses_external_data(lv.tensor):
+            t._values = _ExternalValues(lv.tensor, base_dir)
+            t.data_location = None  # once loaded, the values are exported inline
 
 
 def _export(graph: gs.Graph, meta: ModelMeta) -> onnx.ModelProto:
@@ -168,12 +194,20 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
             continue
         unknown = [k for k, d in enumerate(new) if _unknown(d)]
         if len(unknown) == 1 and node.op != "Expand":
-            sym_in = sorted(d for d in xs if isinstance(d, str))
-            sym_out = sorted(d for d in new if isinstance(d, str) and not _unknown(d))
+            left = [d for d in xs if isinstance(d, str)]  # input symbols not matched in the output
+            matched = True
+            for d in new:
+                if isinstance(d, str) and not _unknown(d):
+                    if d in left:
+                        left.remove(d)
+                    else:
+                        matched = False
             p_in = int(np.prod([d for d in xs if isinstance(d, int)]))
             p_out = int(np.prod([d for d in new if isinstance(d, int)]))
-            if sym_in == sym_out and p_out > 0 and p_in % p_out == 0:
+            if matched and not left and p_out > 0 and p_in % p_out == 0:
                 new[unknown[0]] = p_in // p_out
+            elif matched and len(left) == 1 and p_in == p_out:
+                new[unknown[0]] = left[0]
         if ys is None or any(_unknown(a) and not _unknown(b) for a, b in zip(ys, new)):
             y.shape = [d if not _unknown(d) else (ys[k] if ys is not None else None) for k, d in enumerate(new)]
             if ys is None or list(ys) != list(y.shape):

@@ -11,7 +11,7 @@ from onnx import external_data_helper
 
 from .errors import BadInputError
 
-__all__ = ["ModelMeta", "load_model", "save_model", "SUPPORTED_OPSETS", "TWO_GB"]
+__all__ = ["ModelMeta", "load_model", "save_model", "materialize", "uses_external_data", "SUPPORTED_OPSETS", "TWO_GB"]
 
 TWO_GB = 2**31
 SUPPORTED_OPSETS = range(7, 26)
@@ -31,9 +31,10 @@ class ModelMeta:
     metadata_props: list = field(default_factory=list)
     functions: list = field(default_factory=list)
     had_external_data: bool = False
+    base_dir: str = ""  # folder external data locations are relative to
 
     @classmethod
-    def of(cls, model: onnx.ModelProto, had_external_data: bool = False) -> "ModelMeta":
+    def of(cls, model: onnx.ModelProto, had_external_data: bool = False, base_dir: str = "") -> "ModelMeta":
         return cls(
             ir_version=model.ir_version,
             opset_imports=[onnx.helper.make_opsetid(o.domain, o.version) for o in model.opset_import],
@@ -45,6 +46,7 @@ class ModelMeta:
             metadata_props=list(model.metadata_props),
             functions=list(model.functions),
             had_external_data=had_external_data,
+            base_dir=base_dir,
         )
 
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -106,19 +108,27 @@ def load_model(source: "str | os.PathLike | onnx.ModelProto") -> tuple[onnx.Mode
         for tensor in external_data_helper._get_all_tensors(model):
             if external_data_helper.uses_external_data(tensor):
                 info = external_data_helper.ExternalDataInfo(tensor)
-                location = base / info.location
-                if not location.exists():
+                if not (base / info.location).exists():
                     raise BadInputError(f"{path}: external data file {info.location} is missing")
-                external_data_helper.set_external_data(
-                    tensor, str(location), offset=info.offset, length=info.length
-                )
     if not model.graph.node:
         raise BadInputError(f"{where}: the graph has no nodes")
     _check_opset(model, where)
     has_ext = any(
         external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model)
     )
-    return model, ModelMeta.of(model, had_external_data=has_ext)
+    base_dir = "" if isinstance(source, onnx.ModelProto) else str(Path(source).resolve().parent)
+    return model, ModelMeta.of(model, had_external_data=has_ext, base_dir=base_dir)
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model))
+
+
+def materialize(model: onnx.ModelProto, base_dir: str) -> onnx.ModelProto:
+    """Read external tensors into the proto (in place) when the result stays under 2 GB."""
+    if uses_external_data(model) and _byte_size(model) < TWO_GB:
+        onnx.load_external_data_for_model(model, base_dir)
+    return model
 
 
 def _byte_size(model: onnx.ModelProto) -> int:
@@ -132,11 +142,12 @@ def _byte_size(model: onnx.ModelProto) -> int:
     return total + model.ByteSize() if total < TWO_GB else total
 
 
-def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_data: bool | None = None) -> Path:
+def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_data: bool | None = None,
+               base_dir: str = "") -> Path:
     """Write `model` atomically: a temporary file in the target folder, then a rename.
 
     Models over 2 GB (or when `external_data` is True) are written with their weights
-    in `<name>.data` beside the model, also atomically.
+    in `<name>.data` beside the model, also atomically. `model` is not modified.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,30 +155,39 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
         external_data = _byte_size(model) >= TWO_GB
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     tmp_data = None
     try:
         if external_data:
-            onnx.load_external_data_for_model(model, "")  # locations are absolute
+            work = onnx.ModelProto()
+            work.CopyFrom(model)
+            if uses_external_data(work):
+                onnx.load_external_data_for_model(work, base_dir)
             data_name = path.name + ".data"
             tmp_data_name = f".{data_name}.tmp"
             tmp_data = path.parent / tmp_data_name
             if tmp_data.exists():
                 tmp_data.unlink()
-            onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                location=tmp_data_name, size_threshold=1024,
-            )
-            # point the model at the final data file name, then move both into place
+            onnx.save_model(work, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp_data_name, size_threshold=1024)
             saved = onnx.load(tmp, load_external_data=False)
             for t in external_data_helper._get_all_tensors(saved):
-                if external_data_helper.uses_external_data(t):
-                    info = external_data_helper.ExternalDataInfo(t)
-                    external_data_helper.set_external_data(t, data_name, offset=info.offset, length=info.length)
+                for entry in t.external_data:
+                    if entry.key == "location":
+                        entry.value = data_name
             with open(tmp, "wb") as f:
                 f.write(saved.SerializeToString())
+            os.chmod(tmp_data, 0o666 & ~umask)
             os.replace(tmp_data, path.parent / data_name)
             tmp_data = None
         else:
+            if uses_external_data(model):
+                work = onnx.ModelProto()
+                work.CopyFrom(model)
+                onnx.load_external_data_for_model(work, base_dir)
+                model = work
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString(deterministic=True))
         os.replace(tmp, path)

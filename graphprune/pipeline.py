@@ -117,7 +117,7 @@ class PassManager:
         for p in self.passes:
             t0 = time.perf_counter()
             try:
-                p(ctx)
+                result = p(ctx)
             except GraphpruneError:
                 raise
             except Exception as exc:
@@ -125,6 +125,8 @@ class PassManager:
                     f"pass {p.name!r} failed after [{', '.join(done)}]: {type(exc).__name__}: {exc}"
                 ) from exc
             ctx.timings[p.name] = time.perf_counter() - t0
+            if result.info:
+                ctx.report.setdefault("passes", {})[p.name] = result.info
             done.append(p.name)
             if log:
                 log(f"{p.name}: {ctx.timings[p.name]:.2f}s")

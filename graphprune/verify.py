@@ -33,6 +33,7 @@ def masked_model(original: Model, dg: DependencyGraph, removed_labels: np.ndarra
         sl[dim.axis] = idx
         values[tuple(sl)] = 0
         t.values = values
+        t.data_location = None
     return model.to_proto(infer=False)
 
 

@@ -244,14 +244,33 @@ class AllocatePass(Pass):
             else:
                 lo_r = mid
         c = counts(hi_r)
-        deltas: dict[int, float] = {}
-        removed = {}
         for g in groups:
-            n = c[g.id]
-            if n <= 0:
-                continue
-            removed[g.id] = np.sort(np.argsort(ctx.scores[g.id], kind="stable")[:n])
             for d, per in info[g.id][1].items():
-                deltas[d] = deltas.get(d, 0) + per * n
-        tracker.apply(deltas)
+                tracker.apply({d: per * c[g.id]})
+        # the common ratio moves in coarse steps: give blocks back (most important first)
+        # while the target still holds, to land inside [R - tolerance, R]
+        lo = {m: r - TOLERANCE for m, r in targets.items()}
+        changed = True
+        while changed and any(tracker.total(m) < lo[m] * orig[m] for m in targets):
+            changed = False
+            order = sorted(groups, key=lambda g: -float(np.sort(ctx.scores[g.id])[max(c[g.id] - 1, 0)]))
+            for g in order:
+                step = info[g.id][0][0]
+                if c[g.id] < step:
+                    continue
+                deltas = {d: -per * step for d, per in info[g.id][1].items()}
+                totals = tracker.apply(deltas)
+                if any(totals[m] > targets[m] * orig[m] for m in targets):
+                    tracker.undo(deltas)
+                    continue
+                c[g.id] -= step
+                changed = True
+                if not any(tracker.total(m) < lo[m] * orig[m] for m in targets):
+                    break
+        if any(tracker.total(m) < lo[m] * orig[m] for m in targets):
+            ctx.report.setdefault("warnings", []).append(
+                f"--uniform with --round-to {round_to} cannot land within {TOLERANCE} of the target; "
+                "the result overshoots it")
+        removed = {g.id: np.sort(np.argsort(ctx.scores[g.id], kind="stable")[:c[g.id]])
+                   for g in groups if c[g.id] > 0}
         return PrunePlan(removed)

@@ -14,5 +14,5 @@ class DeadNodeCleanupPass(Pass):
         graph = ctx.model.graph
         before = len(graph.nodes)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        ctx.model = Model.from_proto(ctx.model.to_proto(infer=False), ctx.model.meta)
+        ctx.model = Model.from_proto(ctx.model.to_proto(infer=False, materialize_data=False), ctx.model.meta)
         return PassResult(modified=len(ctx.model.graph.nodes) != before)

@@ -76,5 +76,5 @@ class NormalizePass(Pass):
         model: Model = ctx.model
         n = fold_constants(model.graph, model.meta.opset_imports)
         if n:
-            ctx.model = Model.from_proto(model.to_proto(infer=False), model.meta)
+            ctx.model = Model.from_proto(model.to_proto(infer=False, materialize_data=False), model.meta)
         return PassResult(modified=bool(n), info={"folded": n})

@@ -54,11 +54,17 @@ def apply_plan(ctx: PruneContext) -> dict[tuple[str, int], np.ndarray]:
             for axis, idx in axes:
                 values = np.take(values, idx, axis=axis)
             t.values = np.ascontiguousarray(values)
+            t.data_location = None  # now held inline
         elif name in io:
             raise AssertionError(f"graph input/output {name} would change shape")
+    # intermediate shapes follow the kept counts (shape inference re-checks them; ops it cannot
+    # see through, such as custom ones, keep correct shapes this way)
     for t in graph.tensors().values():
         if isinstance(t, gs.Variable) and t.name not in io:
-            t.shape = None
+            shape = orig_shapes.get(t.name)
+            if shape is None:
+                continue
+            t.shape = [len(kept[(t.name, k)]) if (t.name, k) in kept else d for k, d in enumerate(shape)]
     return kept
 
 

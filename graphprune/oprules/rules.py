@@ -70,8 +70,9 @@ class Conv(OpRule):
             if g == 1:
                 ctx.tie(w, 1, y, 1)
                 ctx.role(w, 1, ROLE_OUT)
-            elif g == cin and og == 1:  # depthwise transposed
-                ctx.tie(x, 1, y, 1)
+            elif g == cin:  # depthwise transposed, channel multiplier og
+                j = np.arange(cout)
+                ctx.tie(x, 1, y, 1, j // og, j)
                 ctx.skip(w, 1)
             else:
                 self._balance(ctx, x, 1, cin, g)
@@ -553,6 +554,9 @@ class Resize(OpRule):
         y = node.outputs[0]
         ys = rctx.orig_shape(y)
         updates = {k: rctx.new_size(y, k) for k in range(len(ys)) if rctx.kept(y, k) is not None}
+        if "axes" in node.attrs:  # opset 18: sizes lists only the given axes, in that order
+            axes = [int(a) % len(ys) for a in node.attrs["axes"]]
+            updates = {axes.index(k): v for k, v in updates.items() if k in axes}
         rctx.set_shape_entries(3, updates)
 
 
