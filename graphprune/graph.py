@@ -121,31 +121,83 @@ def _unknown(d) -> bool:
     return d is None or (isinstance(d, str) and d.startswith("unk__"))
 
 
-def _refine_slice(node: gs.Node, ev: ShapeEvaluator, refined: dict | None) -> bool:
+def _refine_slice(node: gs.Node, ev: ShapeEvaluator, refined: dict | None, symbols: list) -> bool:
+    """Slice output dims from static (or symbolic, e.g. [:seq]) bounds."""
     x, y = node.inputs[0], node.outputs[0]
     xs, ys = tensor_shape(x), tensor_shape(y)
     if xs is None or (ys is not None and not any(_unknown(d) for d in ys)):
         return False
-    vals = [ev.value(t) if t.name else None for t in list(node.inputs[1:5]) + [gs.Variable("")] * (5 - len(node.inputs))]
-    starts, ends, axes, steps = vals
-    if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3].name and axes is None) \
-            or (len(node.inputs) > 4 and node.inputs[4].name and steps is None):
+    ins = list(node.inputs[1:5]) + [None] * (5 - len(node.inputs))
+    starts, ends, axes, steps = [ev.symbolic(t, symbols) if t is not None and t.name else None for t in ins]
+    if starts is None or ends is None or (ins[2] is not None and ins[2].name and axes is None) \
+            or (ins[3] is not None and ins[3].name and steps is None):
         return False
     r = len(xs)
-    axes = list(range(len(starts))) if axes is None else [int(a) % r for a in axes]
-    steps = [1] * len(starts) if steps is None else list(steps)
+    if axes is None:
+        axes = list(range(len(starts)))
+    if any(a is None or isinstance(a, str) for a in axes):
+        return False
+    axes = [int(a) % r for a in axes]
+    steps = [1] * len(starts) if steps is None else steps
     new = list(xs)
     for s_, e, a, st in zip(starts, ends, axes, steps):
-        if not isinstance(xs[a], int):
-            new[a] = ys[a] if ys is not None else None
-            continue
-        new[a] = len(range(xs[a])[slice(int(s_), int(e), int(st))])
+        n = xs[a]
+        if isinstance(n, int) and all(isinstance(v, int) for v in (s_, e, st)):
+            new[a] = len(range(n)[slice(s_, e, st)])
+        elif s_ == 0 and st == 1 and isinstance(e, str):
+            new[a] = e  # x[:seq]
+        elif s_ == 0 and st == 1 and e is not None and not isinstance(e, str) and e >= 2**31 and isinstance(n, str):
+            new[a] = n
+        else:
+            new[a] = None
     if ys is not None and len(ys) == r:
-        new = [b if not _unknown(b) else a for a, b in zip(new, ys)]
+        new = [b if _unknown(a) and not _unknown(b) else a for a, b in zip(new, ys)]
     if ys is not None and list(ys) == new:
         return False
+    if all(_unknown(d) for d in new):
+        return False
     y.shape = new
-    return True if refined is None else (refined.__setitem__(y.name, new) or True)
+    if refined is not None:
+        refined[y.name] = new
+    return True
+
+
+_BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Greater", "Less",
+              "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "PRelu"}
+
+
+def _refine_broadcast(node: gs.Node, refined: dict | None) -> bool:
+    """An unknown output dim of a broadcasting op is n when an input has n > 1 there."""
+    y = node.outputs[0]
+    ys = tensor_shape(y)
+    if ys is None or not any(_unknown(d) for d in ys):
+        return False
+    new = list(ys)
+    for t in node.inputs:
+        ts = tensor_shape(t) if t.name else None
+        if ts is None:
+            continue
+        for k, d in enumerate(ts):
+            j = len(ys) - len(ts) + k
+            if 0 <= j < len(ys) and _unknown(new[j]) and isinstance(d, int) and d > 1:
+                new[j] = d
+            elif 0 <= j < len(ys) and _unknown(new[j]) and isinstance(d, str) and not _unknown(d):
+                new[j] = d if all(_unknown(x) or x == d or x == 1 for x in _aligned(node, len(ys), j)) else new[j]
+    if new == list(ys):
+        return False
+    y.shape = new
+    if refined is not None:
+        refined[y.name] = new
+    return True
+
+
+def _aligned(node: gs.Node, rank: int, j: int) -> list:
+    out = []
+    for t in node.inputs:
+        ts = tensor_shape(t) if t.name else None
+        if ts is not None and 0 <= j - (rank - len(ts)) < len(ts):
+            out.append(ts[j - (rank - len(ts))])
+    return out
 
 
 def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) -> bool:
@@ -153,24 +205,31 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
     symbolic dims (reshape(b, s, -1)); returns whether anything changed."""
     changed = False
     ev = None
+    symbols = None
     for node in graph.nodes:
+        if node.op in _BROADCAST and node.outputs:
+            changed = _refine_broadcast(node, refined) or changed
+            continue
         if node.op == "Slice" and len(node.inputs) >= 3:
             ev = ev or ShapeEvaluator(graph, opsets)
-            changed = _refine_slice(node, ev, refined) or changed
+            if symbols is None:
+                symbols = sorted({d for t in graph.tensors().values() for d in (tensor_shape(t) or ())
+                                  if isinstance(d, str) and not _unknown(d)})
+            changed = _refine_slice(node, ev, refined, symbols) or changed
             continue
         if node.op not in ("Reshape", "Flatten", "Expand") or not node.outputs:
             continue
         x, y = node.inputs[0], node.outputs[0]
         xs, ys = tensor_shape(x), tensor_shape(y)
-        if xs is None or any(_unknown(d) for d in xs):
+        if xs is None or (node.op != "Expand" and any(d is None for d in xs)):
             continue
-        if ys is not None and not any(_unknown(d) for d in ys):
+        if ys is not None and not any(_unknown(d) and d not in xs for d in ys):
             continue
         new = list(ys) if ys is not None else None
         if node.op in ("Reshape", "Expand") and len(node.inputs) > 1:
             ev = ev or ShapeEvaluator(graph, opsets)
-            symbols = sorted({d for d in xs if isinstance(d, str)})
-            vals = ev.symbolic(node.inputs[1], symbols)
+            in_symbols = sorted({d for d in xs if isinstance(d, str)})
+            vals = ev.symbolic(node.inputs[1], in_symbols)
             if vals is not None:
                 if node.op == "Expand":
                     r = max(len(vals), len(xs))
@@ -178,10 +237,13 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
                     for k in range(r):
                         kv, kx = k - (r - len(vals)), k - (r - len(xs))
                         xd = xs[kx] if kx >= 0 else 1
-                        if xd != 1:
+                        sv = vals[kv] if kv >= 0 else 1
+                        if xd != 1 and not _unknown(xd):
                             new[k] = xd
-                        elif kv >= 0 and vals[kv] is not None:
-                            new[k] = vals[kv]
+                        elif xd == 1 and sv is not None:
+                            new[k] = sv
+                        elif isinstance(sv, int) and sv > 1:
+                            new[k] = sv  # an unknown input dim broadcasts to a static size
                 else:
                     new = new if new is not None and len(new) == len(vals) else [None] * len(vals)
                     allowzero = int(node.attrs.get("allowzero", 0))
@@ -192,12 +254,12 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
                             new[k] = xs[k]
         if new is None:
             continue
-        unknown = [k for k, d in enumerate(new) if _unknown(d)]
+        unknown = [k for k, d in enumerate(new) if d is None or (_unknown(d) and d not in xs)]
         if len(unknown) == 1 and node.op != "Expand":
             left = [d for d in xs if isinstance(d, str)]  # input symbols not matched in the output
             matched = True
-            for d in new:
-                if isinstance(d, str) and not _unknown(d):
+            for k, d in enumerate(new):
+                if isinstance(d, str) and k not in unknown:
                     if d in left:
                         left.remove(d)
                     else:
@@ -208,8 +270,11 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
                 new[unknown[0]] = p_in // p_out
             elif matched and len(left) == 1 and p_in == p_out:
                 new[unknown[0]] = left[0]
-        if ys is None or any(_unknown(a) and not _unknown(b) for a, b in zip(ys, new)):
-            y.shape = [d if not _unknown(d) else (ys[k] if ys is not None else None) for k, d in enumerate(new)]
+        def known(d):
+            return d is not None and (not _unknown(d) or d in xs)
+
+        if ys is None or any(not known(a) and known(b) for a, b in zip(ys, new)):
+            y.shape = [d if known(d) else (ys[k] if ys is not None else None) for k, d in enumerate(new)]
             if ys is None or list(ys) != list(y.shape):
                 changed = True
                 if refined is not None:

@@ -74,7 +74,7 @@ class ShapeEvaluator:
             for d in shape:
                 if isinstance(d, (int, np.integer)) and d >= 0:
                     dims.append(int(d))
-                elif isinstance(d, str) and not d.startswith("unk__"):
+                elif isinstance(d, str):  # named or inferred (unk__N) symbols alike
                     dims.append(self._symbol_value(d, run))
                 else:
                     return None

@@ -67,6 +67,35 @@ def fold_constants(graph: gs.Graph, opsets: list) -> int:
     return folded
 
 
+def unshare_small_constants(graph: gs.Graph) -> int:
+    """Give each consumer its own copy of a shared 1-D or constant-valued initializer.
+
+    Exporters merge identical initializers (all-zero biases, unit norm scales); left shared
+    they would couple unrelated layers. Real tied weights (2-D and up, varied values) stay.
+    """
+    uses: dict[str, list] = {}
+    for node in graph.nodes:
+        for i, t in enumerate(node.inputs):
+            if isinstance(t, gs.Constant) and t.name:
+                uses.setdefault(t.name, []).append((node, i, t))
+    graph_outputs = {t.name for t in graph.outputs}
+    copies = 0
+    for name, lst in uses.items():
+        if len(lst) < 2 or name in graph_outputs:
+            continue
+        shape = lst[0][2].shape
+        values = lst[0][2].values if len(shape) <= 1 or int(np.prod(shape)) <= 1 << 20 else None
+        if values is None:
+            continue
+        values = np.asarray(values)
+        if values.ndim > 1 and not (values.size and np.all(values == values.flat[0])):
+            continue
+        for k, (node, i, t) in enumerate(lst[1:], start=1):
+            node.inputs[i] = gs.Constant(f"{name}__gp{k}", np.array(values, copy=True))
+            copies += 1
+    return copies
+
+
 class NormalizePass(Pass):
     """Fold constants (so weights held in Constant nodes or constant sub-graphs are weights)."""
 
@@ -75,6 +104,7 @@ class NormalizePass(Pass):
     def call(self, ctx: PruneContext) -> PassResult:
         model: Model = ctx.model
         n = fold_constants(model.graph, model.meta.opset_imports)
-        if n:
+        u = unshare_small_constants(model.graph)
+        if n or u:
             ctx.model = Model.from_proto(model.to_proto(infer=False, materialize_data=False), model.meta)
-        return PassResult(modified=bool(n), info={"folded": n})
+        return PassResult(modified=bool(n or u), info={"folded": n, "unshared": u})

@@ -441,9 +441,20 @@ class Transpose(OpRule):
 
 
 def _blocks(a: list, b: list):
-    """Split two shapes (size-1 axes dropped) into blocks of equal element count."""
+    """Split two shapes (size-1 axes dropped) into blocks of equal element count.
+
+    Blocks are matched from the left, then from the right; whatever is left in the middle
+    (dynamic axes merged or split, e.g. [b, s, H] -> [b*s, H]) is returned unmatched.
+    """
     ia = [k for k, s in enumerate(a) if s != 1]
     ib = [k for k, s in enumerate(b) if s != 1]
+    left, ia_rest, ib_rest = _match(a, b, ia, ib)
+    right, ra, rb = _match(a, b, ia_rest[::-1], ib_rest[::-1])
+    return left + right, ra[::-1], rb[::-1]
+
+
+def _match(a: list, b: list, ia: list, ib: list):
+    """Greedy blocks over the axis lists ia/ib (in the given order) until a dynamic mismatch."""
     blocks, i, j = [], 0, 0
     while i < len(ia) and j < len(ib):
         sa, sb = a[ia[i]], b[ib[j]]
@@ -452,23 +463,29 @@ def _blocks(a: list, b: list):
                 blocks.append(([ia[i]], [ib[j]]))
                 i, j = i + 1, j + 1
                 continue
-            return blocks, ia[i:], ib[j:]
+            break
         ba, bb, pa, pb = [ia[i]], [ib[j]], sa, sb
-        i, j = i + 1, j + 1
+        ii, jj = i + 1, j + 1
+        ok = True
         while pa != pb:
             if pa < pb:
-                if i >= len(ia) or not isinstance(a[ia[i]], int):
-                    return blocks, ba + ia[i:], bb + ib[j:]
-                pa *= a[ia[i]]
-                ba.append(ia[i])
-                i += 1
+                if ii >= len(ia) or not isinstance(a[ia[ii]], int):
+                    ok = False
+                    break
+                pa *= a[ia[ii]]
+                ba.append(ia[ii])
+                ii += 1
             else:
-                if j >= len(ib) or not isinstance(b[ib[j]], int):
-                    return blocks, ba + ia[i:], bb + ib[j:]
-                pb *= b[ib[j]]
-                bb.append(ib[j])
-                j += 1
-        blocks.append((ba, bb))
+                if jj >= len(ib) or not isinstance(b[ib[jj]], int):
+                    ok = False
+                    break
+                pb *= b[ib[jj]]
+                bb.append(ib[jj])
+                jj += 1
+        if not ok:
+            break
+        blocks.append((sorted(ba), sorted(bb)))
+        i, j = ii, jj
     return blocks, ia[i:], ib[j:]
 
 
