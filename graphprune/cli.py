@@ -198,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "analyze":
             return _run_analyze(argv[1:])
+        if argv and argv[0] == "bench":
+            from .bench import main as bench_main  # latency side by side (graphprune/bench.py)
+
+            return bench_main(argv[1:])
         return _run_prune(build_parser().parse_args(argv))
     except BadInputError as exc:
         print(f"graphprune: error: {exc}", file=sys.stderr)
