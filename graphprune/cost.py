@@ -45,6 +45,12 @@ def node_cost_terms(node: gs.Node) -> list[CostTerm]:
         spatial = ys[2:] if op == "Conv" else xs[2:]
         coef = _vol(spatial) * _static(ys[0]) * _vol(ws[2:])
         return [CostTerm(name, coef, [(w.name, 0), (w.name, 1)])]
+    if op == "Attention" and (node.domain or "") == "com.microsoft" and len(ins) > 1 and ins[1] is not None:
+        x, w = ins[0], ins[1]
+        xs = tensor_shape(x)
+        if xs is None or len(xs) != 3:
+            return []
+        return [CostTerm(name, _static(xs[0]) * _static(xs[1]), [(w.name, 0), (w.name, 1)])]
     if op in ("Gemm", "MatMul") and len(ins) > 1 and ins[0] is not None and ins[1] is not None:
         a, b, y = ins[0], ins[1], node.outputs[0]
         as_, bs, ys = tensor_shape(a), tensor_shape(b), tensor_shape(y)

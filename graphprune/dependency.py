@@ -304,7 +304,11 @@ class DependencyGraph:
         # pinned summary, per dimension of a weight that would otherwise be prunable
         pinned = []
         for d in range(n_dims):
-            if self.dim_role.get(d) != ROLE_OUT or not self.dim_is_weight[d]:
+            if not self.dim_is_weight[d] or self.dim_size[d] <= 1:
+                continue
+            direct = self.dim_pin.get(d, "")
+            # producer rows, or weight axes an op rule kept whole on purpose (not kernel axes)
+            if self.dim_role.get(d) != ROLE_OUT and (not direct or "is not a channel axis" in direct):
                 continue
             el = self.elements(d)
             labs = [int(x) for x in el if int(x) in pin_reason]

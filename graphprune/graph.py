@@ -283,14 +283,26 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
 
 
 def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx shape inference with data propagation; falls back to no inference on failure."""
+    """onnx shape inference with data propagation; falls back to no inference on failure.
+
+    onnx does not know onnxruntime's contrib ops (com.microsoft); for graphs with them,
+    onnxruntime's symbolic shape inference fills the gaps when it is installed.
+    """
     try:
-        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        out = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
         try:
-            return onnx.shape_inference.infer_shapes(proto)
+            out = onnx.shape_inference.infer_shapes(proto)
         except Exception:
-            return proto
+            out = proto
+    if any(n.domain == "com.microsoft" for n in out.graph.node):
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            out = SymbolicShapeInference.infer_shapes(out, auto_merge=True) or out
+        except Exception:
+            pass
+    return out
 
 
 def tensor_shape(t: gs.Tensor) -> Shape | None:

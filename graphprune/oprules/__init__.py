@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from .base import _GLOBAL, FactorBlock, OpRule, OpRuleRegistry, RewriteContext, RuleContext, register_op_rule
+from .contrib import register_contrib_rules
 from .rules import BROADCAST_OPS, UNARY_OPS, register_builtin_rules
 
 __all__ = ["OpRule", "OpRuleRegistry", "RuleContext", "RewriteContext", "FactorBlock",
            "register_op_rule", "default_registry", "UNARY_OPS", "BROADCAST_OPS"]
 
 register_builtin_rules(_GLOBAL)
+register_contrib_rules(_GLOBAL)
 
 
 def default_registry() -> OpRuleRegistry:

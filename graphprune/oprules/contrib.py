@@ -1,0 +1,90 @@
+"""Rules for onnxruntime contrib ops (com.microsoft) written by onnxruntime.transformers' optimizer."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
+from .rules import Broadcast, LayerNorm, Unary
+
+__all__ = ["register_contrib_rules"]
+
+MS = "com.microsoft"
+
+
+class SkipLayerNorm(LayerNorm):
+    """SkipLayerNormalization: LayerNorm(input + skip + bias) over the last axis."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, skip = ctx.input(0), ctx.input(1)
+        r = len(ctx.shape(x))
+        for out in ctx.node.outputs:
+            if out.name and len(ctx.shape(out) or ()) == r:
+                for k in range(r - 1):
+                    ctx.tie(x, k, out, k)
+                    if skip is not None and len(ctx.shape(skip)) == r:
+                        ctx.tie(skip, k, out, k)
+        reason = "normalized axis: hidden width is pinned"
+        for t in list(ctx.node.inputs) + list(ctx.node.outputs):
+            if t.name and ctx.shape(t):
+                ctx.pin(t, len(ctx.shape(t)) - 1, reason)
+
+
+class Attention(OpRule):
+    """com.microsoft Attention with packed QKV weights: whole heads are the units.
+
+    Head h owns columns h*d..(h+1)*d of the Q, K and V sections of the weight (and bias)
+    and the same slice of the output; the rewrite lowers num_heads. Past/present state
+    (KV cache) or unequal qkv_hidden_sizes pin everything.
+    """
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, w, b, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
+        heads = int(ctx.attrs.get("num_heads", 0))
+        sizes = ctx.attrs.get("qkv_hidden_sizes")
+        has_past = ctx.input(4) is not None or ctx.output(1) is not None
+        ws = ctx.shape(w)
+        if has_past or not ctx.is_const(w) or heads <= 0 or len(ws) != 2 or ws[1] % 3 \
+                or (sizes and len(set(sizes)) != 1):
+            ctx.pin_all("Attention with KV cache, unequal qkv sizes or a run-time weight is kept whole")
+            return
+        hidden = ws[1] // 3
+        d = hidden // heads
+        for i in range(3, len(ctx.node.inputs)):  # masks, attention bias: not channels
+            ctx.skip(ctx.input(i))
+        ctx.tie(x, 0, y, 0)
+        ctx.tie(x, 1, y, 1)
+        ctx.tie(x, 2, w, 0)
+        ctx.role(w, 0, "reduce")
+        e = np.arange(hidden)
+        for section in range(3):
+            ctx.tie(w, 1, y, 2, section * hidden + e, e)
+            if b is not None:
+                ctx.tie(b, 0, y, 2, section * hidden + e, e)
+        ctx.role(w, 1, "out")
+        if b is not None:
+            ctx.role(b, 0, "param")
+        ctx.tie(y, 2, y, 2, e, (e // d) * d)  # a head goes whole
+
+    def rewrite(self, rctx: RewriteContext) -> None:
+        node = rctx.node
+        y = node.outputs[0]
+        kept = rctx.kept(y, 2)
+        if kept is None:
+            return
+        hidden = rctx.orig_shape(y)[2]
+        d = hidden // int(node.attrs["num_heads"])
+        node.attrs["num_heads"] = len(kept) // d
+        if node.attrs.get("qkv_hidden_sizes"):
+            node.attrs["qkv_hidden_sizes"] = [len(kept)] * 3
+
+
+def register_contrib_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
+    for op in ("BiasGelu", "FastGelu", "BiasAdd", "BiasSplitGelu"):
+        if op != "BiasSplitGelu":
+            reg.register(op, Broadcast(), domain=MS)
+    for op in ("Gelu", "QuickGelu"):
+        reg.register(op, Unary(), domain=MS)
+    reg.register("SkipLayerNormalization", SkipLayerNorm(), domain=MS)
+    reg.register("SkipSimplifiedLayerNormalization", SkipLayerNorm(), domain=MS)
+    reg.register("Attention", Attention(), domain=MS)
+    return reg
