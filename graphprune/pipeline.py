@@ -114,7 +114,9 @@ class PassManager:
 
     def run(self, ctx: PruneContext, *, log: Callable[[str], None] | None = None) -> PruneContext:
         done: list[str] = []
+        bar = ctx.progress.bar(len(self.passes), "graphprune")
         for p in self.passes:
+            bar.set_description(f"graphprune: {p.name}")
             t0 = time.perf_counter()
             try:
                 result = p(ctx)
@@ -128,6 +130,8 @@ class PassManager:
             if result.info:
                 ctx.report.setdefault("passes", {})[p.name] = result.info
             done.append(p.name)
+            bar.update()
             if log:
                 log(f"{p.name}: {ctx.timings[p.name]:.2f}s")
+        bar.close()
         return ctx
