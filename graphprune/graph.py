@@ -82,7 +82,8 @@ class Model:
         return proto
 
     def copy(self) -> "Model":
-        return Model.from_proto(self.to_proto(infer=False, materialize_data=False), self.meta)
+        """An independent graph (weights are shared until a rewrite replaces them)."""
+        return Model(self.graph.copy(), self.meta)
 
     def tensors(self) -> dict:
         return self.graph.tensors()
@@ -288,13 +289,22 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     onnx does not know onnxruntime's contrib ops (com.microsoft); for graphs with them,
     onnxruntime's symbolic shape inference fills the gaps when it is installed.
     """
+    light, moved = _without_big_weights(proto)
     try:
-        out = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        out = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
         try:
-            out = onnx.shape_inference.infer_shapes(proto)
+            out = onnx.shape_inference.infer_shapes(light)
         except Exception:
-            out = proto
+            out, moved = proto, set()
+    if moved:
+        result = onnx.ModelProto()
+        result.CopyFrom(proto)
+        del result.graph.value_info[:]
+        result.graph.value_info.extend(v for v in out.graph.value_info if v.name not in moved)
+        for dst, src in zip(result.graph.output, out.graph.output):
+            dst.CopyFrom(src)
+        out = result
     if any(n.domain == "com.microsoft" for n in out.graph.node):
         try:
             from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -303,6 +313,37 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         except Exception:
             pass
     return out
+
+
+_LIGHT_BYTES = 4096
+
+
+def _without_big_weights(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set]:
+    """A copy without large initializers (declared as inputs instead): shape inference needs
+    only their shapes, and serializing hundreds of MB for it is most of its cost."""
+    big = [t for t in proto.graph.initializer
+           if len(t.raw_data) > _LIGHT_BYTES or onnx.external_data_helper.uses_external_data(t)]
+    if not big:
+        return proto, set()
+    light = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(light, field, getattr(proto, field))
+    light.opset_import.extend(proto.opset_import)
+    light.functions.extend(proto.functions)
+    g = light.graph
+    g.name = proto.graph.name
+    g.node.extend(proto.graph.node)
+    g.input.extend(proto.graph.input)
+    g.output.extend(proto.graph.output)
+    g.value_info.extend(proto.graph.value_info)
+    names = {t.name for t in big}
+    declared = {i.name for i in proto.graph.input}
+    g.initializer.extend(t for t in proto.graph.initializer if t.name not in names)
+    g.sparse_initializer.extend(proto.graph.sparse_initializer)
+    for t in big:
+        if t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light, names - declared
 
 
 def tensor_shape(t: gs.Tensor) -> Shape | None:
