@@ -279,9 +279,11 @@ class DependencyGraph:
             root = None
             for d in key:
                 el = self.elements(d)
-                idx_lists = []
-                for lab in labs_arr:
-                    idx_lists.append(np.nonzero(el == lab)[0])
+                order = np.argsort(el, kind="stable")  # equal labels keep increasing indices
+                sorted_el = el[order]
+                lo = np.searchsorted(sorted_el, labs_arr, "left")
+                hi = np.searchsorted(sorted_el, labs_arr, "right")
+                idx_lists = [order[a:b] for a, b in zip(lo, hi)]
                 dim = self.dims[d]
                 role = self.dim_role.get(d)
                 m = GroupMember(dim.tensor, dim.axis, role, self.dim_is_weight[d], idx_lists)
