@@ -78,7 +78,8 @@ class PruneContext:
     """Everything passes share: the model being compiled and the analysis results."""
 
     model: Any                      # graphprune.graph.Model being rewritten
-    original: Any = None            # the untouched input Model
+    original: Any = None            # reference Model: the input, normalized (same function)
+    input_model: Any = None         # the input exactly as loaded (for "before" costs)
     registry: Any = None            # OpRuleRegistry (a copy: user rules stay local)
     options: dict = field(default_factory=dict)
     dependency: Any = None          # DependencyGraph

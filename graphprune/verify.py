@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .dependency import ROLE_REDUCE, DependencyGraph
+from .dependency import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, DependencyGraph
 from .graph import Model
 from .runtime import run_model, synthetic_inputs
 
@@ -16,14 +16,17 @@ def masked_model(original: Model, dg: DependencyGraph, removed_labels: np.ndarra
     """The original graph with the removed channels zeroed in every consumer.
 
     Consumers are the weight axes that reduce over channels (Conv/Gemm/MatMul input
-    columns); zeroing them removes the channels' contribution and nothing else.
+    columns); zeroing them removes the channels' contribution and nothing else. The
+    channels' producer rows and per-channel parameters are zeroed too, which changes
+    nothing downstream of a zeroed consumer and makes a removed head-dimension element
+    contribute nothing to an activation x activation contraction (Q.K^T).
     """
     proto = original.to_proto(infer=False)
     model = Model.from_proto(proto, original.meta)
     tensors = model.graph.tensors()
     for dim, idx in dg.removed_elements(removed_labels).items():
         d = dg.dim_index[dim]
-        if dg.dim_role.get(d) != ROLE_REDUCE:
+        if dg.dim_role.get(d) not in (ROLE_REDUCE, ROLE_OUT, ROLE_PARAM):
             continue
         t = tensors[dim.tensor]
         if not isinstance(t, gs.Constant):

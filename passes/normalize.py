@@ -107,4 +107,7 @@ class NormalizePass(Pass):
         u = unshare_small_constants(model.graph)
         if n or u:
             ctx.model = Model.from_proto(model.to_proto(infer=False, materialize_data=False), model.meta)
+            # the oracle's reference must name tensors as the analysis will
+            ctx.input_model = ctx.input_model or ctx.original
+            ctx.original = ctx.model.copy()
         return PassResult(modified=bool(n or u), info={"folded": n, "unshared": u})

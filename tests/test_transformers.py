@@ -134,3 +134,24 @@ def test_analyze_cli_shows_heads(onnx_path, capsys):
 
     assert main(["analyze", onnx_path("hf_bert" if HAS_HF else "bert_block", "torchscript")]) == 0
     assert "heads x 16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTERS))
+@pytest.mark.parametrize("name", ["bert_block", "llama_block"])
+def test_head_dim_pruning_is_uniform_and_exact(onnx_path, name, exporter):
+    """head_dim: one element of every head goes at once (Q.K^T contraction included);
+    with rotary embeddings the pairs (j, j + d/2) go together, all layers sharing cos/sin."""
+    path = onnx_path(name, exporter)
+    policy = {"head_dim": True}
+    analysis = graphprune.analyze(path, policy=policy)
+    assert not [g for g in analysis.groups if g.kind == "heads" and g.width >= 16 and g.size in (2, 4)], \
+        "whole heads are pinned in head_dim mode"
+    if name == "llama_block":
+        rotary = [g for g in analysis.groups if g.size == 8]  # 16 // 2 rotary pairs, shared by both layers
+        assert len(rotary) == 1 and rotary[0].width == 8 * 2  # 8 query heads x the pair
+    result = graphprune.prune(path, target_flops=0.6, round_to=1, policy=policy)
+    onnx.checker.check_model(result.model, full_check=True)
+    _oracle(name, result)
+    before = {i.name: list(i.dims) for i in onnx.load(path).graph.initializer}
+    after = {i.name: list(i.dims) for i in result.model.graph.initializer}
+    assert any(after.get(n, d) != d for n, d in before.items() if len(d) == 2)

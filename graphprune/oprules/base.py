@@ -280,7 +280,7 @@ class FactorBlock:
         if len(known) == 1:
             return known[0]
         if len(known) > 1:
-            return known[-1] if dg.policy.get("factor_inner", False) else known[0]
+            return known[-1] if dg.policy.get("head_dim", False) else known[0]
         if not fallback:
             return None
         pool = free or cands

@@ -183,9 +183,10 @@ class MatMul(OpRule):
         if ctx.is_const(a):
             ctx.role(a, -1, ROLE_REDUCE)
             ctx.role(a, -2, ROLE_OUT)
-        if not ctx.is_const(a) and not ctx.is_const(b):
-            # an activation x activation contraction has no weight to zero: keep it whole
-            ctx.pin(a, -1, "contraction between two activations")
+        if not ctx.is_const(a) and not ctx.is_const(b) and not ctx.policy("head_dim", False):
+            # an activation x activation contraction (Q.K^T) is pruned only when asked for
+            # (head_dim): its elements go in both operands at once, like a head dimension
+            ctx.pin(a, -1, "contraction between two activations (head dimension: ask for head_dim)")
 
 
 class Pool(OpRule):
