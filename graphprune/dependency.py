@@ -57,11 +57,13 @@ class ChannelGroup:
     name: str = ""
     nodes: list = field(default_factory=list)  # node names whose weights are members
     width: int = 1           # elements per channel in the root weight (head_dim for attention heads)
+    factored: bool = False   # the channels pass a reshape that splits an axis into (units, elements)
 
     @property
     def kind(self) -> str:
-        """'heads' when each unit spans several producer rows (attention heads), else 'channels'."""
-        return "heads" if self.width > 1 else "channels"
+        """'heads' when each unit spans several rows and is carried by a reshape (attention
+        heads), else 'channels'."""
+        return "heads" if self.width > 1 and self.factored else "channels"
 
     def weight_members(self, roles: Iterable[str] = (ROLE_OUT, ROLE_REDUCE)) -> list:
         roles = set(roles)
@@ -133,6 +135,7 @@ class DependencyGraph:
         self.dim_pin: dict[int, str] = {}
         self.ties: list[tuple[int, np.ndarray, int, np.ndarray]] = []
         self.factors: list = []
+        self.carriers: set[int] = set()  # dims a reshape block ties elementwise (e.g. a head axis)
         self.node_dims: dict[int, list[int]] = {}   # dim id -> nodes (names) using it
         self.cost_terms: list = []  # filled by cost model
         self._tensors = model.graph.tensors()
@@ -297,7 +300,7 @@ class DependencyGraph:
             groups.append(ChannelGroup(
                 id=0, members=members, channel_labels=labs_arr, size=len(labs_arr),
                 round_base=self.dim_size[root[1]], name=f"{root[0].tensor}[{root[0].axis}]",
-                width=int(len(root[0].indices[0])),
+                width=int(len(root[0].indices[0])), factored=any(d in self.carriers for d in key),
             ))
         groups.sort(key=lambda g: (self._first_node_index(g), g.name))
         for i, g in enumerate(groups):

@@ -186,6 +186,12 @@ class RuleContext:
                 return
         dg.ties.append((da, np.asarray(idx_a, np.int64), db, np.asarray(idx_b, np.int64)))
 
+    def units(self, t: gs.Tensor, axis: int) -> None:
+        """Mark an axis whose channels come in multi-element units (attention heads)."""
+        d = self._dim(t, axis)
+        if d is not None:
+            self.dg.carriers.add(d)
+
     def role(self, t: gs.Tensor, axis: int, role: str) -> None:
         d = self._dim(t, axis)
         if d is not None and isinstance(t, gs.Constant):
@@ -306,6 +312,7 @@ class FactorBlock:
         ib = np.unravel_index(flat, sb)[self.dims_b.index(cb)]
         pairs = np.unique(np.stack([ia, ib], 1), axis=0)
         dg.ties.append((ca, pairs[:, 0], cb, pairs[:, 1]))
+        dg.carriers.update((ca, cb))
         for d in self.dims_a + self.dims_b:
             if d not in (ca, cb) and dg.dim_size[d] > 1:
                 dg.pin(d, f"{self.op} {self.node}: reshape factor kept at its size")

@@ -64,6 +64,7 @@ class Attention(OpRule):
         if b is not None:
             ctx.role(b, 0, "param")
         ctx.tie(y, 2, y, 2, e, (e // d) * d)  # a head goes whole
+        ctx.units(y, 2)
 
     def rewrite(self, rctx: RewriteContext) -> None:
         node = rctx.node
