@@ -18,12 +18,20 @@ __all__ = ["prune", "analyze", "PruneResult", "AnalysisResult", "default_pipelin
 
 
 def default_pipeline() -> PassManager:
-    """normalize -> analyze -> score -> allocate -> rewrite -> cleanup -> verify."""
-    from .passes import (AllocatePass, AnalyzePass, DeadNodeCleanupPass, NormalizePass, RewritePass, ScorePass,
-                         VerifyPass)
+    """normalize -> analyze -> score -> allocate -> rewrite -> cleanup -> verify
+    -> fidelity-uncompensated -> compensate -> fidelity.
+
+    verify (and its mask-equivalence oracle) checks the rewrite before compensation, the
+    only point where the oracle holds; compensation and the fidelity passes do nothing
+    unless asked (`compensate`, `fidelity`, or calibration data).
+    """
+    from .fidelity import FidelityPass
+    from .passes import (AllocatePass, AnalyzePass, CompensatePass, DeadNodeCleanupPass, NormalizePass,
+                         RewritePass, ScorePass, VerifyPass)
 
     return PassManager([NormalizePass(), AnalyzePass(), ScorePass(), AllocatePass(), RewritePass(),
-                        DeadNodeCleanupPass(), VerifyPass()])
+                        DeadNodeCleanupPass(), VerifyPass(), FidelityPass("uncompensated", "fidelity-uncompensated"),
+                        CompensatePass(), FidelityPass("final", "fidelity")])
 
 
 def analysis_pipeline() -> PassManager:
@@ -86,12 +94,25 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
           target_params: float | None = None, criterion: str = "l1", round_to: int = 8, min_keep: float = 0.1,
           protect: list[str] | tuple = (), uniform: bool = False, seed: int = 0, verify: bool = False,
           registry: OpRuleRegistry | None = None, pipeline: PassManager | None = None, progress: bool = False,
-          policy: dict | None = None, gqa_uniform: bool = False, **options) -> PruneResult:
+          policy: dict | None = None, gqa_uniform: bool = False, calib=None, calib_samples: int = 128,
+          calib_preprocess=None, calib_heldout: int | None = None, calib_batch_size: int = 8,
+          compensate: str = "none", compensate_damp: float | None = None, fidelity: bool | None = None,
+          stats_memory: int | None = None, **options) -> PruneResult:
     """Prune `model` to `target_flops` (fraction of MACs kept) and/or `target_params`.
 
     `registry` holds op rules (default: built-ins plus user-registered), `pipeline` the
     passes (default: :func:`default_pipeline`). `gqa_uniform` prunes query heads evenly
     inside every KV group instead of removing whole KV groups. The input is never modified.
+
+    Accuracy without fine-tuning: `calib` is calibration data (a .npz/.npy path, a folder of
+    images preprocessed by `calib_preprocess`, an iterable of feed dicts or arrays, or a
+    :class:`graphprune.calibration.CalibrationData`); the first `calib_samples` samples
+    calibrate, up to `calib_heldout` following ones measure fidelity. Data-aware criteria
+    (wanda, flap, obs) read activation statistics from it; `compensate` ("bias" or "obs")
+    re-fits the consumers of removed channels (`compensate_damp`: fixed dampening instead
+    of cross-validated). `fidelity` (default: on with `calib` or `compensate`) reports
+    relative error, cosine and top-1 agreement against the original on held-out samples,
+    before and after compensation. `stats_memory` bounds the bytes of Hessians held at once.
     """
     policy = dict(policy or {})
     if gqa_uniform:
@@ -108,11 +129,30 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
 
     if criterion not in criterion_names():
         raise BadInputError(f"unknown criterion {criterion!r} (choose from {', '.join(criterion_names())})")
+    from .passes import COMPENSATE_MODES
+
+    if compensate not in COMPENSATE_MODES:
+        raise BadInputError(f"unknown compensate mode {compensate!r} (choose from {', '.join(COMPENSATE_MODES)})")
+    if compensate_damp is not None and not float(compensate_damp) >= 0:
+        raise BadInputError(f"compensate_damp must be >= 0, got {compensate_damp}")
+    if fidelity is None:
+        fidelity = calib is not None or compensate != "none"
     opts = dict(options, target_macs=tf, target_params=tp, criterion=criterion, round_to=int(round_to),
                 min_keep=float(min_keep), protect=list(protect), uniform=uniform, seed=seed, verify=verify,
-                policy=policy)
+                policy=policy, compensate=compensate, compensate_damp=compensate_damp, fidelity=bool(fidelity))
+    if stats_memory is not None:
+        opts["stats_memory"] = int(stats_memory)
     t0 = time.perf_counter()
     ctx = _context(model, registry, opts, progress)
+    if calib is not None:
+        from .calibration import load_calibration
+
+        ctx.options["calibration"] = load_calibration(
+            calib, ctx.original.to_proto(infer=False), samples=calib_samples, heldout=calib_heldout,
+            preprocess=calib_preprocess, batch_size=int(calib_batch_size), seed=seed)
+        ctx.report["calibration"] = ctx.options["calibration"].describe()
+    elif calib_preprocess is not None:
+        raise BadInputError("calib_preprocess needs calib (a folder of images)")
     (pipeline or default_pipeline()).run(ctx)
     ctx.report["prune_seconds"] = time.perf_counter() - t0
     ctx.report["timings"] = dict(ctx.timings)

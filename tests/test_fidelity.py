@@ -1,0 +1,73 @@
+"""Fidelity report: relative error, cosine, top-1 agreement; in the API report and the CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import graphprune
+from graphprune.cli import main
+from graphprune.fidelity import measure_fidelity
+from tests._accuracy_models import mlp
+
+pytest.importorskip("onnxruntime")
+
+
+def _models(seed=0):
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((6, 8)).astype(np.float32)
+    w2 = rng.standard_normal((8, 5)).astype(np.float32)
+    return mlp(w1, w2, relu=True), w1, w2
+
+
+def test_identical_and_perturbed_models():
+    model, w1, w2 = _models()
+    batches = [{"x": np.random.default_rng(1).standard_normal((16, 6)).astype(np.float32)}]
+    same = measure_fidelity(model, model, batches)
+    assert same["rel_err"] == 0 and same["cosine"] == pytest.approx(1.0) and same["top1_agreement"] == 1.0
+    scaled = mlp(w1, 2 * w2, relu=True)                 # y doubles: cosine 1, rel err 1, argmax kept
+    m = measure_fidelity(model, scaled, batches)
+    assert m["rel_err"] == pytest.approx(1.0, rel=1e-5) and m["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert m["top1_agreement"] == 1.0
+    neg = measure_fidelity(model, mlp(w1, -w2, relu=True), batches)
+    assert neg["cosine"] == pytest.approx(-1.0, abs=1e-6) and neg["rel_err"] == pytest.approx(2.0, rel=1e-5)
+
+
+def test_prune_report_before_and_after_compensation():
+    model, _, _ = _models(2)
+    x = np.abs(np.random.default_rng(3).standard_normal((48, 6))).astype(np.float32)
+    r = graphprune.prune(model, target_flops=0.6, round_to=1, calib=x, calib_samples=32, compensate="obs")
+    fid = r.report["fidelity"]
+    assert fid["heldout_samples"] == 16 and fid["data"] == "held-out calibration samples"
+    before, after = fid["before_compensation"], fid["after_compensation"]
+    assert after["rel_err"] <= before["rel_err"] and after["cosine"] >= before["cosine"] - 1e-9
+    assert set(after) >= {"rel_err", "cosine", "top1_agreement", "outputs"}
+    plain = graphprune.prune(model, target_flops=0.6, round_to=1)
+    assert "fidelity" not in plain.report                       # off unless asked
+    synth = graphprune.prune(model, target_flops=0.6, round_to=1, fidelity=True)
+    assert synth.report["fidelity"]["data"] == "synthetic"
+
+
+def test_cli_calib_compensate_and_report(tmp_path, capsys):
+    model, _, _ = _models(4)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(5).standard_normal((40, 6)).astype(np.float32))
+    rc = main([str(path), "--target-flops", "0.6", "--round-to", "1", "--calib", str(tmp_path / "calib.npz"),
+               "--calib-samples", "32", "--criterion", "wanda", "--compensate", "obs", "--verify",
+               "--report", str(tmp_path / "r.json"), "-o", str(tmp_path / "out.onnx")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "fidelity" in out and "->" in out and "oracle" in out
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["calibration"]["samples"] == 32 and rep["calibration"]["heldout_samples"] == 8
+    assert "after_compensation" in rep["fidelity"] and rep["compensation"]["mode"] == "obs"
+    assert "calibration" not in json.dumps(rep.get("options", {}))
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--target-flops", "0.6", "--compensate", "magic"])
+    assert exc.value.code == 2
+    rc = main([str(path), "--target-flops", "0.6", "--calib-preprocess", "size=4"])
+    assert rc == 2
+    assert "--calib-preprocess needs --calib" in capsys.readouterr().err
