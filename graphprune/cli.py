@@ -105,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="check the mask-equivalence oracle with onnxruntime (needs onnxruntime)")
     p.add_argument("--report", metavar="JSON", help="write the report (MACs, params, groups, removed channels)")
+    lat = p.add_argument_group("latency (onnxruntime CPU/CUDA, TensorRT)")
+    lat.add_argument("--target-latency", type=_ratio, metavar="R",
+                     help="prune until the measured latency on --backend is at most R x the original's (searches "
+                          "the FLOPs target; per-layer latency table cached in ~/.cache/graphprune/latency)")
+    lat.add_argument("--bench", action="store_true", help="time the original and the pruned model side by side")
+    lat.add_argument("--report-html", metavar="PATH",
+                     help="write a self-contained HTML report: summary, per-layer widths and latency plots, table")
+    from .bench import add_bench_options
+
+    add_bench_options(lat)  # --backend --runs --warmup --threads --batch --seq --shape --fp16
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return p
 
@@ -149,8 +159,11 @@ def _json_default(o):
 def _run_prune(args) -> int:
     from .api import prune
 
-    if args.target_flops is None and args.target_params is None:
-        raise BadInputError("give --target-flops R or --target-params R (the fraction to keep, in (0, 1])")
+    if args.target_flops is None and args.target_params is None and args.target_latency is None:
+        raise BadInputError("give --target-flops R, --target-params R or --target-latency R (the fraction to keep, "
+                            "in (0, 1])")
+    if args.target_latency is not None and (args.target_flops is not None or args.target_params is not None):
+        raise BadInputError("--target-latency chooses the FLOPs target itself; drop --target-flops/--target-params")
     src = Path(args.model)
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}.pruned.onnx")
     if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
@@ -160,19 +173,36 @@ def _run_prune(args) -> int:
     if args.calib_preprocess and not args.calib:
         raise BadInputError("--calib-preprocess needs --calib (a folder of images)")
     progress = not args.quiet and sys.stderr.isatty()
-    result = prune(str(src), target_flops=args.target_flops, target_params=args.target_params,
-                   criterion=args.criterion, round_to=args.round_to, min_keep=args.min_keep, protect=args.protect,
-                   uniform=args.uniform, seed=args.seed, verify=args.verify, progress=progress,
-                   gqa_uniform=args.gqa_uniform, calib=args.calib, calib_samples=args.calib_samples,
-                   calib_preprocess=args.calib_preprocess, compensate=args.compensate,
-                   fidelity=True if args.fidelity else None)
+    common = dict(criterion=args.criterion, round_to=args.round_to, min_keep=args.min_keep, protect=args.protect,
+                  uniform=args.uniform, seed=args.seed, verify=args.verify, progress=progress,
+                  gqa_uniform=args.gqa_uniform, calib=args.calib, calib_samples=args.calib_samples,
+                  calib_preprocess=args.calib_preprocess, compensate=args.compensate,
+                  fidelity=True if args.fidelity else None)
+    if args.target_latency is not None:
+        from .bench import bench_kwargs
+        from .latency import prune_to_latency
+
+        log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+        result = prune_to_latency(str(src), args.target_latency, log=log, **bench_kwargs(args), **common)
+    else:
+        result = prune(str(src), target_flops=args.target_flops, target_params=args.target_params, **common)
     try:
         result.save(out)
     except OSError as exc:
         raise BadInputError(f"cannot write {out}: {exc.strerror or exc}") from None
     r = result.report
+    if args.bench:
+        from .bench import bench_from_args
+
+        r["bench"] = bench_from_args([str(src), str(out)], args)
+        if r["bench"]["note"] and not args.quiet:
+            print(f"graphprune: {r['bench']['note']}", file=sys.stderr)
     if args.report:
         _write_json(args.report, r | {"input": str(src), "output": str(out)})
+    if args.report_html:
+        from .report_html import write_report_html
+
+        write_report_html(r, args.report_html, model=str(src), bench=r.get("bench"))
     if not args.quiet:
         pruned = sum(1 for g in r["groups"] if g["removed"])
         print(f"MACs    {_fmt(r['macs_before'])} -> {_fmt(r['macs_after'])}  ({r['macs_ratio']:.3f})")
@@ -191,6 +221,14 @@ def _run_prune(args) -> int:
             skipped = f", {len(c['skipped'])} skipped" if c["skipped"] else ""
             print(f"compensate  {c['mode']}: {len(c['layers'])} layers re-fitted in {c.get('waves', 0)} "
                   f"passes{skipped}")
+        if "latency" in r:
+            lat = r["latency"]
+            print(f"latency {lat['original_ms']:.3f} -> {lat['pruned_ms']:.3f} ms  ({lat['measured_ratio']:.3f}, "
+                  f"target {lat['target']}, {'met' if lat['met'] else 'NOT met'}) on {lat['backend_label']}")
+        if "bench" in r:
+            from .bench import format_bench
+
+            print(format_bench(r["bench"]))
         print(f"wrote   {out}  in {r['prune_seconds']:.2f}s")
     if "oracle" in r and not r["oracle"]["equivalent"]:
         return EXIT_INTERNAL

@@ -27,7 +27,7 @@ class VerifyPass(Pass):
                         f"the input model fails onnx.checker too: {str(orig_exc).splitlines()[0]}")
                 else:
                     raise exc
-        before, after = model_cost(ctx.input_model or ctx.original), model_cost(ctx.model)
+        before, after = model_cost(ctx.original), model_cost(ctx.model)
         ctx.report.update({
             "macs_before": int(before.macs), "macs_after": int(after.macs),
             "params_before": int(before.params), "params_after": int(after.params),
