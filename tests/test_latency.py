@@ -154,9 +154,14 @@ def test_prune_to_latency_with_table(model_path, tmp_path):
 
 
 def test_prune_to_latency_real_backend(model_path, tmp_path):
-    """onnxruntime CPU end to end; a target of 1.0 is always reachable, whatever the noise."""
-    result = prune_to_latency(model_path, 1.0, "ort-cpu", threads=1, runs=3, warmup=1, lut_counts=3, lut_runs=1,
-                              cache_dir=tmp_path, max_steps=2)
+    """onnxruntime CPU end to end. Timing noise on a busy machine can put even the unpruned
+    model above a 1.0 target; then the error must name the backend and what was measured."""
+    try:
+        result = prune_to_latency(model_path, 1.0, "ort-cpu", threads=1, runs=3, warmup=1, lut_counts=3,
+                                  lut_runs=1, cache_dir=tmp_path, max_steps=2)
+    except NothingToPruneError as exc:
+        assert "onnxruntime" in str(exc) and "fastest measured was" in str(exc)
+        return
     info = result.report["latency"]
     assert info["backend"] == "ort-cpu" and "onnxruntime" in info["backend_label"]
     assert isinstance(info["measured_ratio"], float) and info["measured_ratio"] > 0
