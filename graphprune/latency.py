@@ -155,17 +155,15 @@ class LatencyTable:
         return cls(d["backend"], d["inputs"], {int(k): v for k, v in d["groups"].items()}, path)
 
 
-def _step_and_floor(size: int, round_to: int, min_keep: float) -> tuple[int, int]:
-    """Same grid as the allocator: blocks of round_to where the size allows, min-keep floor."""
-    step = round_to if round_to > 1 and size % round_to == 0 and size > round_to else 1
-    keep = max(1, math.ceil(min_keep * size))
-    keep = int(math.ceil(keep / step) * step)
-    return step, min(keep, size)
+def _grid(group, round_to: int, min_keep: float) -> list[int]:
+    """The allocator's width grid for a group (kept counts allowed under --round-to)."""
+    from .passes.allocate import width_grid
+
+    return width_grid(group.size, round_to, min_keep, group.width if group.kind == "heads" else 1)
 
 
-def _candidate_counts(size: int, round_to: int, min_keep: float, max_counts: int) -> list[int]:
-    step, floor = _step_and_floor(size, round_to, min_keep)
-    allowed = list(range(size, floor - 1, -step))
+def _candidate_counts(group, round_to: int, min_keep: float, max_counts: int) -> list[int]:
+    allowed = _grid(group, round_to, min_keep)
     if len(allowed) > max_counts:  # evenly spaced, always with the full width
         idx = np.unique(np.round(np.linspace(0, len(allowed) - 1, max_counts)).astype(int))
         allowed = [allowed[i] for i in idx]
@@ -371,7 +369,7 @@ def build_latency_table(model, backend: "str | Backend" = "auto", *, batch: int 
     for g in analysis.groups:
         if g.id in ctx.protected or g.size < 2:
             continue
-        wanted = _candidate_counts(g.size, int(round_to), float(min_keep), int(max_counts))
+        wanted = _candidate_counts(g, int(round_to), float(min_keep), int(max_counts))
         entry = table.groups.get(g.id)
         if entry is not None and (entry.get("name") != g.name or entry.get("size") != g.size):
             entry = None  # a different analysis (registry/policy): measure again
@@ -441,9 +439,9 @@ class LatencyRoundPass(Pass):
             if g.id in ctx.protected or removed is None or len(removed) == 0 or g.id not in self.table:
                 continue
             n, k = g.size, g.size - len(removed)
-            step, floor = _step_and_floor(n, round_to, min_keep)
-            reach = max(step, int(round(self.window * n)))
-            allowed = [c for c in range(max(floor, k - reach), min(n, k + reach) + 1) if (n - c) % step == 0]
+            grid = _grid(g, round_to, min_keep)
+            reach = max(max((a - b for a, b in zip(grid, grid[1:])), default=1), int(round(self.window * n)))
+            allowed = [c for c in grid if abs(c - k) <= reach]
             best = self.table.preferred_count(g.id, k, allowed, self.tolerance)
             if best == k:
                 continue

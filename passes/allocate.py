@@ -97,12 +97,38 @@ def _channel_deltas(dg, group) -> dict[int, float]:
     return out
 
 
-def _step_and_floor(group, round_to: int, min_keep: float) -> tuple[int, int]:
-    n = group.size
-    step = round_to if round_to > 1 and n % round_to == 0 and n > round_to else 1
-    keep = max(1, math.ceil(min_keep * n))
-    keep = int(math.ceil(keep / step) * step)
-    return step, min(keep, n)
+def width_grid(size: int, round_to: int, min_keep: float, unit_width: int = 1) -> list[int]:
+    """The kept counts a group may end at, from `size` down to its min-keep floor.
+
+    With --round-to, a kept width is a multiple of the block (``round_to`` channels; for
+    units wider than one channel, such as attention heads, the fewest units whose channels
+    make a multiple of ``round_to``), or the full size: a 12-channel group may keep 12 or 8,
+    a 64-channel one 64, 56, ..., never 61 (kernels run whole blocks, so 61 channels cost what
+    64 do). A group narrower than one block keeps channel granularity.
+    """
+    step = round_to // math.gcd(round_to, max(int(unit_width), 1)) if round_to > 1 else 1
+    if size < step:
+        step = 1
+    floor = max(1, math.ceil(min_keep * size))
+    floor = min(int(math.ceil(floor / step) * step), size)
+    top = size - size % step if size % step else size - step
+    return [size] + list(range(top, floor - 1, -step))
+
+
+def _blocks(group, round_to: int, min_keep: float) -> list[int]:
+    """Sizes of the successive removal blocks of a group (differences of its width grid)."""
+    grid = width_grid(group.size, round_to, min_keep, group.width if group.kind == "heads" else 1)
+    return [a - b for a, b in zip(grid, grid[1:])]
+
+
+def _next_block(st: dict) -> int:
+    """Size of a group's next removal block (0 once it is at its floor)."""
+    t = 0
+    for b in st["blocks"]:
+        if t == st["taken"]:
+            return b
+        t += b
+    return 0
 
 
 class AllocatePass(Pass):
@@ -148,8 +174,7 @@ class AllocatePass(Pass):
             mean = float(np.mean(np.abs(s)))
             norm = s / mean if mean > 0 else s
             order = np.argsort(norm, kind="stable")
-            step, keep = _step_and_floor(g, round_to, min_keep)
-            state[g.id] = {"order": order, "norm": norm, "step": step, "limit": g.size - keep, "taken": 0,
+            state[g.id] = {"order": order, "norm": norm, "blocks": _blocks(g, round_to, min_keep), "taken": 0,
                            "deltas": _channel_deltas(dg, g)}
             self._push(heap, g.id, state[g.id])
         lo = {m: r - TOLERANCE for m, r in targets.items()}
@@ -166,7 +191,7 @@ class AllocatePass(Pass):
             while heap and unmet():
                 _, gid, _ = heapq.heappop(heap)
                 st = state[gid]
-                k = st["step"]
+                k = _next_block(st)
                 deltas = {d: n * k for d, n in st["deltas"].items()}
                 totals = tracker.apply(deltas)
                 if strict and any(totals[m] < lo[m] * orig[m] for m in targets):
@@ -187,9 +212,10 @@ class AllocatePass(Pass):
                 best = None
                 for gid in set(skipped):
                     st = state[gid]
-                    if st["taken"] + st["step"] > st["limit"]:
+                    k = _next_block(st)
+                    if not k:
                         continue
-                    deltas = {d: n * st["step"] for d, n in st["deltas"].items()}
+                    deltas = {d: n * k for d, n in st["deltas"].items()}
                     totals = tracker.apply(deltas)
                     tracker.undo(deltas)
                     key = sum(totals[m] / orig[m] for m in targets)
@@ -200,29 +226,26 @@ class AllocatePass(Pass):
                 _, gid, deltas = best
                 st = state[gid]
                 tracker.apply(deltas)
-                removed.setdefault(gid, []).extend(st["order"][st["taken"]:st["taken"] + st["step"]].tolist())
-                st["taken"] += st["step"]
+                k = _next_block(st)
+                removed.setdefault(gid, []).extend(st["order"][st["taken"]:st["taken"] + k].tolist())
+                st["taken"] += k
             break
         return PrunePlan({gid: np.sort(np.array(ix, dtype=np.int64)) for gid, ix in removed.items()})
 
     @staticmethod
     def _push(heap, gid, st):
-        t, k = st["taken"], st["step"]
-        if t + k <= st["limit"]:
+        t, k = st["taken"], _next_block(st)
+        if k:
             block = st["norm"][st["order"][t:t + k]]
             heapq.heappush(heap, (float(np.mean(block)), gid, t))
 
     def _uniform(self, ctx, tracker, groups, targets, round_to, min_keep) -> PrunePlan:
         dg = ctx.dependency
-        info = {g.id: (_step_and_floor(g, round_to, min_keep), _channel_deltas(dg, g)) for g in groups}
+        info = {g.id: (np.cumsum([0] + _blocks(g, round_to, min_keep)), _channel_deltas(dg, g)) for g in groups}
 
-        def counts(r: float) -> dict[int, int]:
-            out = {}
-            for g in groups:
-                (step, keep), _ = info[g.id]
-                n_rm = int(math.floor(g.size * r / step) * step)
-                out[g.id] = min(n_rm, g.size - keep)
-            return out
+        def counts(r: float) -> dict[int, int]:  # the largest allowed removal <= r of each group
+            return {g.id: int(info[g.id][0][np.searchsorted(info[g.id][0], g.size * r, side="right") - 1])
+                    for g in groups}
 
         def cost_at(r: float) -> dict[str, float]:
             c = counts(r)
@@ -255,9 +278,11 @@ class AllocatePass(Pass):
             changed = False
             order = sorted(groups, key=lambda g: -float(np.sort(ctx.scores[g.id])[max(c[g.id] - 1, 0)]))
             for g in order:
-                step = info[g.id][0][0]
-                if c[g.id] < step:
+                allowed = info[g.id][0]
+                i = int(np.searchsorted(allowed, c[g.id]))
+                if i == 0:
                     continue
+                step = int(allowed[i] - allowed[i - 1])
                 deltas = {d: -per * step for d, per in info[g.id][1].items()}
                 totals = tracker.apply(deltas)
                 if any(totals[m] > targets[m] * orig[m] for m in targets):
