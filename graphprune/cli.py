@@ -215,9 +215,13 @@ def _run_prune(args) -> int:
         for w in r.get("warnings", []):
             print(f"warning: {w}")
         if r.get("kv_cache"):
-            from .kv_cache import format_cache_shapes
+            from .kv_cache import FLAG, format_cache_shapes
 
-            print("kv cache  " + "\n          ".join(format_cache_shapes(r["kv_cache"])))
+            kv = r["kv_cache"]
+            if any(s["before"] != s["after"] for s in kv.values()):
+                print("kv cache  " + "\n          ".join(format_cache_shapes(kv)))
+            else:
+                print(f"kv cache  {len(kv)} inputs/outputs unchanged ({FLAG} allows pruning their heads)")
         if "oracle" in r:
             o = r["oracle"]
             worst = max(v["max_rel"] for k, v in o.items() if k.startswith("batch"))
