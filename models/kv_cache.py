@@ -9,7 +9,10 @@ keys/values): the graph a decoder runs once per generated token. Two variants:
   with bias, learned positions offset by the past length;
 * ``kv_gqa``: LLaMA-style decoder, RMSNorm, rotary embeddings at positions
   ``past_seq + i``, grouped-query attention (8 query heads, 2 KV heads of 16,
-  ``repeat_kv``), SwiGLU.
+  ``repeat_kv``), SwiGLU;
+* ``hf_llama_kv``: transformers' ``LlamaForCausalLM`` (small config, random init) with
+  ``use_cache=True``, called with a ``DynamicCache`` built from the plain past tensors
+  and returning the updated keys/values as plain tensors (needs ``transformers``).
 
 These live apart from :mod:`models.transformer` so that adding them does not
 invalidate that module's export cache. ``export_kv_onnx`` exports with either
@@ -34,7 +37,7 @@ from torch import nn
 from models.export import DYNAMO_OPSET, TORCHSCRIPT_OPSET, _quiet, cache_dir, exporter_name
 from models.transformer import RMSNorm, _randomize_norms, repeat_kv, rotate_half
 
-__all__ = ["KV_MODELS", "KVDecoder", "kv_mha", "kv_gqa", "kv_input_names", "kv_output_names",
+__all__ = ["KV_MODELS", "KVDecoder", "kv_mha", "kv_gqa", "hf_llama_kv", "kv_input_names", "kv_output_names",
            "kv_example_inputs", "export_kv_onnx", "build_kv_onnx"]
 
 BATCH_DIM, SEQ_DIM, PAST_DIM = "batch", "seq", "past_seq"
@@ -143,7 +146,6 @@ def kv_gqa(seed: int = 0) -> nn.Module:
     return _randomize_norms(KVDecoder(llama=True, n_heads=8, n_kv_heads=2, inner=128), seed).eval()
 
 
-KV_MODELS = {"kv_mha": kv_mha, "kv_gqa": kv_gqa}
 
 
 def kv_input_names(n_layers: int = 2) -> list[str]:
@@ -227,3 +229,43 @@ def build_kv_onnx(name: str, dynamo: bool, tmpdir: "str | os.PathLike") -> str:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cached, dest)
     return os.fspath(dest)
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+class _HFCacheWrapper(nn.Module):
+    """A transformers causal LM called with a DynamicCache built from plain past tensors;
+    returns logits and the updated keys/values as plain tensors."""
+
+    def __init__(self, model: nn.Module, n_layers: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.model, self.n_layers, self.n_kv_heads, self.head_dim = model, n_layers, n_kv_heads, head_dim
+        self.embed = model.get_input_embeddings()
+
+    def forward(self, input_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layers)],
+                             config=self.model.config)
+        p, s = past[0].shape[2], input_ids.shape[1]
+        mask = torch.ones(input_ids.shape[0], p + s, dtype=torch.long)
+        out = self.model(input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=True)
+        flat = []
+        for layer in (getattr(out, "cache", None) or out.past_key_values).layers:
+            flat += [layer.keys, layer.values]
+        return (out.logits, *flat)
+
+
+def hf_llama_kv(seed: int = 0) -> nn.Module:
+    """transformers LlamaForCausalLM with use_cache (2 layers, hidden 64, GQA 8/2 heads of 16, vocab 256)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                      tie_word_embeddings=False, use_cache=True, attn_implementation="eager")
+    return _randomize_norms(_HFCacheWrapper(LlamaForCausalLM(cfg), 2, 2, 16), seed).eval()
+
+
+KV_MODELS = {"kv_mha": kv_mha, "kv_gqa": kv_gqa, "hf_llama_kv": hf_llama_kv}

@@ -25,7 +25,15 @@ from models.kv_cache import KV_MODELS, build_kv_onnx, kv_example_inputs  # noqa:
 
 ORACLE_RTOL = 1e-4
 EXPORTERS = {"torchscript": False, "dynamo": True}
-CASES = [(m, e) for m in KV_MODELS for e in EXPORTERS]
+try:
+    import transformers  # noqa: F401
+
+    HAS_TRANSFORMERS = True
+except ImportError:
+    HAS_TRANSFORMERS = False
+_NEEDS_HF = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
+CASES = [pytest.param(m, e, id=f"{m}-{e}", marks=[_NEEDS_HF] if m.startswith("hf_") else [])
+         for m in KV_MODELS for e in EXPORTERS]
 # (batch, seq, past): two batch sizes, two past lengths including the first step (past 0)
 SIZES = [(1, 3, 0), (3, 2, 7), (2, 1, 5), (3, 4, 0)]
 
@@ -45,7 +53,14 @@ def kv_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def modules():
-    return {name: build() for name, build in KV_MODELS.items()}
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = KV_MODELS[name]()
+        return cache[name]
+
+    return get
 
 
 def _dims(vi) -> list:
@@ -112,7 +127,7 @@ def test_prune_kv_cache(kv_path, modules, name, exporter, target):
     masked = masked_model(ctx.original, ctx.dependency, labels)
     slices = io_slices(ctx.dependency, labels)
     assert set(slices) == set(shrunk)
-    module = modules[name]
+    module = modules(name)
     for batch, seq, past in SIZES:
         feeds = kv_example_inputs(module, batch, seq, past, seed=11)
         cmp = compare_sliced(masked, pruned, feeds, slices)
