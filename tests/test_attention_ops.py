@@ -220,3 +220,36 @@ def test_rms_normalization_op():
     for batch in (1, 3):
         x = rng.standard_normal((batch, 5, HIDDEN)).astype(np.float32)
         assert run_model(res.model, {"x": x})[0].shape == (batch, 5, HIDDEN)
+
+
+def test_optimizer_multi_head_attention(tmp_path):
+    """MultiHeadAttention as onnxruntime.transformers' optimizer writes it for BERT
+    (use_multi_head_attention, packed q/k/v bias input): heads pruned, num_heads lowered."""
+    pytest.importorskip("torch")
+    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
+    from onnxruntime.transformers.fusion_options import AttentionOpType, FusionOptions
+
+    from graphprune.verify import compare_outputs
+    from models.transformer import build_transformer_onnx, example_inputs
+
+    src = build_transformer_onnx("bert_block", False, str(tmp_path))
+    opts = FusionOptions("bert")
+    opts.use_multi_head_attention = True
+    opts.attention_op_type = AttentionOpType.MultiHeadAttention
+    fused = optimizer.optimize_model(src, model_type="bert", num_heads=4, hidden_size=64, opt_level=0,
+                                     optimization_options=opts).model
+    if not any(o.domain == "com.microsoft" for o in fused.opset_import):  # as the optimizer's save adds it
+        fused.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.checker.check_model(fused, full_check=True)
+    mha = [n for n in fused.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(mha) == 2 and all(n.input[3] for n in mha)  # with the packed bias
+    res = graphprune.prune(fused, target_flops=0.6, round_to=1, uniform=True)
+    assert 0.58 <= res.report["macs_ratio"] <= 0.6
+    onnx.checker.check_model(res.model, full_check=True)
+    kept = [g["kept"] for g in res.report["groups"] if g["kind"] == "heads"]
+    assert _attr(res.model, "MultiHeadAttention", "num_heads") == kept and min(kept) < 4
+    ctx = res.context
+    masked = masked_model(ctx.original, ctx.dependency, ctx.plan.removed_labels(ctx.groups))
+    for batch, seq in ((1, 5), (3, 11)):
+        feeds = example_inputs("bert_block", batch, seq)
+        assert compare_outputs(run_model(masked, feeds), run_model(res.model, feeds))["max_rel"] <= RTOL
