@@ -10,6 +10,7 @@ import onnx
 from .cost import model_cost
 from .errors import BadInputError
 from .graph import Model
+from .kv_cache import cache_io, cache_shapes
 from .model_io import save_model
 from .oprules import OpRuleRegistry, default_registry
 from .pipeline import PassManager, Progress, PruneContext
@@ -94,7 +95,8 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
           target_params: float | None = None, criterion: str = "l1", round_to: int = 8, min_keep: float = 0.1,
           protect: list[str] | tuple = (), uniform: bool = False, seed: int = 0, verify: bool = False,
           registry: OpRuleRegistry | None = None, pipeline: PassManager | None = None, progress: bool = False,
-          policy: dict | None = None, gqa_uniform: bool = False, calib=None, calib_samples: int = 128,
+          policy: dict | None = None, gqa_uniform: bool = False, prune_kv_cache: bool = False,
+          calib=None, calib_samples: int = 128,
           calib_preprocess=None, calib_heldout: int | None = None, calib_batch_size: int = 8,
           compensate: str = "none", compensate_damp: float | None = None, fidelity: bool | None = None,
           stats_memory: int | None = None, **options) -> PruneResult:
@@ -102,7 +104,9 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
 
     `registry` holds op rules (default: built-ins plus user-registered), `pipeline` the
     passes (default: :func:`default_pipeline`). `gqa_uniform` prunes query heads evenly
-    inside every KV group instead of removing whole KV groups. The input is never modified.
+    inside every KV group instead of removing whole KV groups. `prune_kv_cache` lets head pruning
+    change the shapes of KV-cache graph inputs/outputs (past/present keys and values); the
+    report's ``kv_cache`` lists them before and after. The input is never modified.
 
     Accuracy without fine-tuning: `calib` is calibration data (a .npz/.npy path, a folder of
     images preprocessed by `calib_preprocess`, an iterable of feed dicts or arrays, or a
@@ -117,6 +121,8 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
     policy = dict(policy or {})
     if gqa_uniform:
         policy["gqa_uniform"] = True
+    if prune_kv_cache:
+        policy["prune_kv_cache"] = True
     tf = _validate_ratio("target_flops", target_flops)
     tp = _validate_ratio("target_params", target_params)
     if tf is None and tp is None:
@@ -157,6 +163,9 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
     ctx.report["prune_seconds"] = time.perf_counter() - t0
     ctx.report["timings"] = dict(ctx.timings)
     ctx.report["groups"] = _group_report(ctx)
+    kv = cache_io(ctx.original.graph)
+    if kv:
+        ctx.report["kv_cache"] = cache_shapes(ctx.original.graph, ctx.model.graph, kv)
     ctx.report["pinned"] = [{"tensor": p.tensor, "axis": p.axis, "channels": p.count, "reason": p.reason}
                             for p in ctx.dependency.pinned]
     return PruneResult(ctx.model.to_proto(), ctx.report, ctx)
@@ -176,9 +185,11 @@ def _group_report(ctx: PruneContext) -> list[dict]:
 
 def analyze(model: "str | os.PathLike | onnx.ModelProto", *, registry: OpRuleRegistry | None = None,
             pipeline: PassManager | None = None, policy: dict | None = None,
-            gqa_uniform: bool = False) -> AnalysisResult:
+            gqa_uniform: bool = False, prune_kv_cache: bool = False) -> AnalysisResult:
     """Groups, pinned channels (with reasons) and MACs per layer, without changing anything."""
     policy = dict(policy or {}, **({"gqa_uniform": True} if gqa_uniform else {}))
+    if prune_kv_cache:
+        policy["prune_kv_cache"] = True
     ctx = _context(model, registry, {"policy": policy or {}}, False)
     (pipeline or analysis_pipeline()).run(ctx)
     return AnalysisResult(ctx.groups, ctx.dependency.pinned, model_cost(ctx.model), ctx)

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gqa-uniform", action="store_true",
                    help="grouped-query attention: prune query heads evenly inside every KV group (default: "
                         "a KV head and the query heads sharing it go together)")
+    p.add_argument("--prune-kv-cache", action="store_true",
+                   help="decoders with past/present key-value graph inputs/outputs: allow head pruning, which "
+                        "changes the cache shapes (reported per input/output); pinned otherwise")
     p.add_argument("--seed", type=int, default=0, help="seed for random criteria and synthetic inputs (default: 0)")
     g = p.add_argument_group("accuracy without fine-tuning")
     g.add_argument("--calib", metavar="PATH",
@@ -126,6 +129,7 @@ def build_analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the analysis as JSON")
     p.add_argument("--top", type=int, default=30, metavar="N", help="layers to list by MACs (default: 30)")
     p.add_argument("--gqa-uniform", action="store_true", help="analyze as `--gqa-uniform` would prune")
+    p.add_argument("--prune-kv-cache", action="store_true", help="analyze as `--prune-kv-cache` would prune")
     return p
 
 
@@ -175,7 +179,7 @@ def _run_prune(args) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     common = dict(criterion=args.criterion, round_to=args.round_to, min_keep=args.min_keep, protect=args.protect,
                   uniform=args.uniform, seed=args.seed, verify=args.verify, progress=progress,
-                  gqa_uniform=args.gqa_uniform, calib=args.calib, calib_samples=args.calib_samples,
+                  gqa_uniform=args.gqa_uniform, prune_kv_cache=args.prune_kv_cache, calib=args.calib, calib_samples=args.calib_samples,
                   calib_preprocess=args.calib_preprocess, compensate=args.compensate,
                   fidelity=True if args.fidelity else None)
     if args.target_latency is not None:
@@ -210,6 +214,14 @@ def _run_prune(args) -> int:
         print(f"groups  {len(r['groups'])} found, {pruned} pruned; {len(r['pinned'])} weight axes pinned")
         for w in r.get("warnings", []):
             print(f"warning: {w}")
+        if r.get("kv_cache"):
+            from .kv_cache import FLAG, format_cache_shapes
+
+            kv = r["kv_cache"]
+            if any(s["before"] != s["after"] for s in kv.values()):
+                print("kv cache  " + "\n          ".join(format_cache_shapes(kv)))
+            else:
+                print(f"kv cache  {len(kv)} inputs/outputs unchanged ({FLAG} allows pruning their heads)")
         if "oracle" in r:
             o = r["oracle"]
             worst = max(v["max_rel"] for k, v in o.items() if k.startswith("batch"))
@@ -257,7 +269,7 @@ def _run_analyze(argv) -> int:
     from .api import analyze
 
     args = build_analyze_parser().parse_args(argv)
-    res = analyze(args.model, gqa_uniform=args.gqa_uniform)
+    res = analyze(args.model, gqa_uniform=args.gqa_uniform, prune_kv_cache=args.prune_kv_cache)
     d = res.to_dict()
     print(f"MACs {_fmt(d['macs'])}  params {_fmt(d['params'])}  groups {len(d['groups'])}")
     print("\nprunable groups:")

@@ -15,6 +15,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph import Model, const_values, tensor_shape
+from .kv_cache import cache_io
+from .kv_cache import pin_reason as kv_pin_reason
 from .oprules import OpRuleRegistry, RuleContext, default_registry
 
 __all__ = ["Dim", "GroupMember", "ChannelGroup", "PinnedSet", "DependencyGraph", "analyze_dependencies"]
@@ -180,13 +182,17 @@ class DependencyGraph:
     # -- building -----------------------------------------------------------
     def _build(self) -> None:
         graph = self.model.graph
+        kv = cache_io(graph)
+        # KV-cache inputs/outputs may change their static axes only when asked (prune_kv_cache)
+        self.resizable_io = kv if self.policy.get("prune_kv_cache") else set()
         for io, kind in ((graph.inputs, "graph input"), (graph.outputs, "graph output")):
             for t in io:
                 shape = tensor_shape(t)
+                reason = kv_pin_reason(kind, t.name) if t.name in kv else f"reaches {kind} {t.name}"
                 for ax in range(len(shape or ())):
                     d = self.dim(t.name, ax)
-                    if d is not None:
-                        self.pin(d, f"reaches {kind} {t.name}")
+                    if d is not None and t.name not in self.resizable_io:
+                        self.pin(d, reason)
         for node in graph.nodes:
             ctx = RuleContext(self, node)
             rule = self.registry.lookup(node.domain or "", node.op, self.model.opset)

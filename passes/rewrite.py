@@ -47,6 +47,7 @@ def apply_plan(ctx: PruneContext) -> dict[tuple[str, int], np.ndarray]:
     for (name, axis), idx in kept.items():
         by_tensor.setdefault(name, []).append((axis, idx))
     io = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    io -= getattr(dg, "resizable_io", set())  # KV-cache inputs/outputs (prune_kv_cache) take the new sizes
     for name, axes in by_tensor.items():
         t = tensors[name]
         if isinstance(t, gs.Constant):

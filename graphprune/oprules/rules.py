@@ -263,16 +263,17 @@ class Concat(OpRule):
         y = ctx.output(0)
         r = len(ctx.shape(y))
         axis = int(ctx.attrs["axis"]) % r
-        off = 0
-        for t in ctx.node.inputs:
-            s = ctx.shape(t)
+        for t in ctx.node.inputs:  # every input, also when the concat axis is dynamic (a KV cache)
             for k in range(r):
                 if k != axis:
                     ctx.tie(t, k, y, k)
+        off = 0
+        for t in ctx.node.inputs:
+            s = ctx.shape(t)
             n = s[axis]
             if not isinstance(n, int):
-                ctx.pin(t, axis, "dynamic concat size")
-                ctx.pin(y, axis, "dynamic concat size")
+                for u in list(ctx.node.inputs) + [y]:
+                    ctx.pin(u, axis, "dynamic concat size")
                 return
             if n:
                 ctx.tie(t, axis, y, axis, np.arange(n), off + np.arange(n))
