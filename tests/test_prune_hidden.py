@@ -248,3 +248,30 @@ def test_cli_prune_hidden_and_head_dim(onnx_path, tmp_path, capsys):
     assert r["oracle"]["equivalent"] and "hidden" not in r
     q = [g for g in r["groups"] if g["removed"] and g["width"] == 4]  # an element of each of the 4 heads
     assert q, "head-dimension groups pruned"
+
+
+def test_fused_skip_layernorm(onnx_path, tmp_path):
+    """onnxruntime.transformers' fused GPT-2 (SkipLayerNormalization, FastGelu): the hidden width
+    goes through SkipLayerNormalization's input, skip, gamma, beta and outputs; the fused BERT's
+    EmbedLayerNormalization has no rule, so there the hidden width stays pinned, with the reason."""
+    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
+    for name, kind in (("gpt2_block", "gpt2"), ("bert_block", "bert")):
+        fused = optimizer.optimize_model(onnx_path(name, "torchscript"), model_type=kind, num_heads=4,
+                                         hidden_size=64, opt_level=0).model
+        assert any(n.op_type == "SkipLayerNormalization" for n in fused.graph.node)
+        path = str(tmp_path / f"{name}.fused.onnx")
+        onnx.save(fused, path)
+        result = graphprune.prune(path, target_flops=0.6, round_to=1, prune_hidden=True, fidelity=False)
+        assert 0.58 <= result.report["macs_ratio"] <= 0.6 + 1e-9
+        feeds = [example_inputs(name, b, s) for b, s in SHAPES]
+        assert _oracle_error(result, feeds) < RTOL
+        if name == "gpt2_block":
+            h = result.report["hidden"]
+            assert len(h) == 1 and h[0]["after"] < 64
+            gammas = {onh.to_array(i).shape for n in result.model.graph.node if n.op_type == "SkipLayerNormalization"
+                      for i in result.model.graph.initializer if i.name == n.input[2]}
+            assert gammas == {(h[0]["after"],)}
+            assert _zeroing_only_error(result, feeds) > 100 * RTOL
+        else:
+            assert result.report["hidden"] == []
+            assert any("EmbedLayerNormalization" in p["reason"] for p in result.report["pinned"])
