@@ -66,21 +66,16 @@ def _restrict_statistics(model: Model, dg: DependencyGraph, removed: dict) -> No
                 names.add(name)
                 return name
 
-    def kept_of(name: str, rank: int):
-        out = []
-        for k in range(rank):
-            dim = Dim(name, k)
-            if dim in removed:
-                size = dg.dim_size[dg.dim_index[dim]]
-                out.append((k, size, np.setdiff1d(np.arange(size), removed[dim])))
-        return out
+    lost: dict[str, list] = {}  # tensor -> [(axis, original size, kept indices)]
+    for dim, idx in sorted(removed.items(), key=lambda kv: (kv[0].tensor, kv[0].axis)):
+        size = dg.dim_size[dg.dim_index[dim]]
+        lost.setdefault(dim.tensor, []).append((dim.axis, size, np.setdiff1d(np.arange(size), idx)))
 
     for node in list(graph.nodes):
         if not node.outputs or node.outputs[0].name not in flagged:
             continue
         for i, t in enumerate(list(node.inputs)):
-            rank = len(t.shape or ()) if t.name else 0
-            for k, _, kept in kept_of(t.name, rank) if t.name else ():
+            for k, _, kept in lost.get(t.name, ()) if t.name else ():
                 if isinstance(t, gs.Constant):
                     t = gs.Constant(fresh(t.name), np.ascontiguousarray(np.take(np.asarray(t.values), kept, axis=k)))
                 else:
@@ -91,14 +86,14 @@ def _restrict_statistics(model: Model, dg: DependencyGraph, removed: dict) -> No
                     t = small
             node.inputs[i] = t
         for j, out in enumerate(list(node.outputs)):
-            lost = kept_of(out.name, len(out.shape or ())) if out.name else []
-            if not lost:
+            axes = lost.get(out.name, []) if out.name else []
+            if not axes:
                 continue
-            rank = len(out.shape)
+            rank = len(out.shape if out.shape is not None else dg.tensor(out.name).shape)
             small = gs.Variable(fresh(out.name), dtype=out.dtype)
             node.outputs[j] = small
-            for n, (k, size, kept) in enumerate(lost):
-                last = n == len(lost) - 1
+            for n, (k, size, kept) in enumerate(axes):
+                last = n == len(axes) - 1
                 position = np.zeros(size, np.int64)
                 position[kept] = np.arange(len(kept))
                 mask_shape = [1] * rank
