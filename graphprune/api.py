@@ -99,7 +99,7 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
           calib=None, calib_samples: int = 128,
           calib_preprocess=None, calib_heldout: int | None = None, calib_batch_size: int = 8,
           compensate: str = "none", compensate_damp: float | None = None, fidelity: bool | None = None,
-          stats_memory: int | None = None, **options) -> PruneResult:
+          stats_memory: int | None = None, prune_hidden: bool = False, **options) -> PruneResult:
     """Prune `model` to `target_flops` (fraction of MACs kept) and/or `target_params`.
 
     `registry` holds op rules (default: built-ins plus user-registered), `pipeline` the
@@ -117,12 +117,20 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
     of cross-validated). `fidelity` (default: on with `calib` or `compensate`) reports
     relative error, cosine and top-1 agreement against the original on held-out samples,
     before and after compensation. `stats_memory` bounds the bytes of Hessians held at once.
+
+    `prune_hidden` (or ``policy={"prune_hidden": True}``) lets the hidden (residual stream)
+    width go too: one group through every residual Add, LayerNorm/RMSNorm and embedding;
+    normalisation statistics are then taken over the kept channels, so the oracle does the
+    same, and fidelity against the original is reported (on by default). `policy` also takes
+    ``head_dim`` (prune every head's dimension uniformly).
     """
     policy = dict(policy or {})
     if gqa_uniform:
         policy["gqa_uniform"] = True
     if prune_kv_cache:
         policy["prune_kv_cache"] = True
+    if prune_hidden:
+        policy["prune_hidden"] = True
     tf = _validate_ratio("target_flops", target_flops)
     tp = _validate_ratio("target_params", target_params)
     if tf is None and tp is None:
@@ -142,7 +150,7 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
     if compensate_damp is not None and not float(compensate_damp) >= 0:
         raise BadInputError(f"compensate_damp must be >= 0, got {compensate_damp}")
     if fidelity is None:
-        fidelity = calib is not None or compensate != "none"
+        fidelity = calib is not None or compensate != "none" or bool(policy.get("prune_hidden"))
     opts = dict(options, target_macs=tf, target_params=tp, criterion=criterion, round_to=int(round_to),
                 min_keep=float(min_keep), protect=list(protect), uniform=uniform, seed=seed, verify=verify,
                 policy=policy, compensate=compensate, compensate_damp=compensate_damp, fidelity=bool(fidelity))
@@ -168,7 +176,27 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
         ctx.report["kv_cache"] = cache_shapes(ctx.original.graph, ctx.model.graph, kv)
     ctx.report["pinned"] = [{"tensor": p.tensor, "axis": p.axis, "channels": p.count, "reason": p.reason}
                             for p in ctx.dependency.pinned]
+    if policy.get("prune_hidden"):
+        ctx.report["hidden"] = _hidden_report(ctx)
     return PruneResult(ctx.model.to_proto(), ctx.report, ctx)
+
+
+def _hidden_report(ctx: PruneContext) -> list[dict]:
+    """Hidden widths before/after: the groups whose channels normalisation statistics run over."""
+    from .dependency import Dim
+
+    dg = ctx.dependency
+    stat = {dg.dims[d] for dims in dg.stat_axes.values() for d in dims}
+    removed = ctx.plan.removed if ctx.plan else {}
+    out = []
+    for g in ctx.groups:
+        member = next((m for m in g.members if Dim(m.tensor, m.axis) in stat), None)
+        if member is None:
+            continue
+        before = dg.dim_size[dg.dim_index[Dim(member.tensor, member.axis)]]
+        gone = sum(len(member.indices[i]) for i in removed.get(g.id, []))
+        out.append({"group": g.id, "name": g.name, "before": int(before), "after": int(before - gone)})
+    return out
 
 
 def _group_report(ctx: PruneContext) -> list[dict]:
@@ -185,9 +213,10 @@ def _group_report(ctx: PruneContext) -> list[dict]:
 
 def analyze(model: "str | os.PathLike | onnx.ModelProto", *, registry: OpRuleRegistry | None = None,
             pipeline: PassManager | None = None, policy: dict | None = None,
-            gqa_uniform: bool = False, prune_kv_cache: bool = False) -> AnalysisResult:
+            gqa_uniform: bool = False, prune_kv_cache: bool = False, prune_hidden: bool = False) -> AnalysisResult:
     """Groups, pinned channels (with reasons) and MACs per layer, without changing anything."""
-    policy = dict(policy or {}, **({"gqa_uniform": True} if gqa_uniform else {}))
+    policy = dict(policy or {}, **({"gqa_uniform": True} if gqa_uniform else {}),
+                  **({"prune_hidden": True} if prune_hidden else {}))
     if prune_kv_cache:
         policy["prune_kv_cache"] = True
     ctx = _context(model, registry, {"policy": policy or {}}, False)

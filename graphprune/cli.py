@@ -62,6 +62,25 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _add_width_options(p: argparse.ArgumentParser) -> None:
+    """Transformer widths pruned only on request (one definition for prune and analyze)."""
+    p.add_argument("--head-dim", action="store_true",
+                   help="prune the head dimension, uniformly across heads (Q.K^T contraction included; "
+                        "rotary pairs go together) instead of whole heads")
+    p.add_argument("--prune-hidden", action="store_true",
+                   help="prune the hidden (residual stream) width too: one group through every residual add, "
+                        "LayerNorm/RMSNorm and embedding; normalisation statistics are taken over the kept "
+                        "channels (default: pinned)")
+    p.add_argument("--prune-kv-cache", action="store_true",
+                   help="decoders with past/present key-value graph inputs/outputs: allow head pruning, which "
+                        "changes the cache shapes (reported per input/output); pinned otherwise")
+
+
+def _policy(args) -> dict:
+    flags = (("head_dim", args.head_dim), ("prune_hidden", args.prune_hidden), ("prune_kv_cache", args.prune_kv_cache))
+    return {key: True for key, flag in flags if flag}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .passes import COMPENSATE_MODES, criterion_names
 
@@ -86,9 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gqa-uniform", action="store_true",
                    help="grouped-query attention: prune query heads evenly inside every KV group (default: "
                         "a KV head and the query heads sharing it go together)")
-    p.add_argument("--prune-kv-cache", action="store_true",
-                   help="decoders with past/present key-value graph inputs/outputs: allow head pruning, which "
-                        "changes the cache shapes (reported per input/output); pinned otherwise")
+    _add_width_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed for random criteria and synthetic inputs (default: 0)")
     g = p.add_argument_group("accuracy without fine-tuning")
     g.add_argument("--calib", metavar="PATH",
@@ -129,7 +146,7 @@ def build_analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the analysis as JSON")
     p.add_argument("--top", type=int, default=30, metavar="N", help="layers to list by MACs (default: 30)")
     p.add_argument("--gqa-uniform", action="store_true", help="analyze as `--gqa-uniform` would prune")
-    p.add_argument("--prune-kv-cache", action="store_true", help="analyze as `--prune-kv-cache` would prune")
+    _add_width_options(p)
     return p
 
 
@@ -179,9 +196,9 @@ def _run_prune(args) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     common = dict(criterion=args.criterion, round_to=args.round_to, min_keep=args.min_keep, protect=args.protect,
                   uniform=args.uniform, seed=args.seed, verify=args.verify, progress=progress,
-                  gqa_uniform=args.gqa_uniform, prune_kv_cache=args.prune_kv_cache, calib=args.calib, calib_samples=args.calib_samples,
+                  gqa_uniform=args.gqa_uniform, calib=args.calib, calib_samples=args.calib_samples,
                   calib_preprocess=args.calib_preprocess, compensate=args.compensate,
-                  fidelity=True if args.fidelity else None)
+                  fidelity=True if args.fidelity else None, policy=_policy(args))
     if args.target_latency is not None:
         from .bench import bench_kwargs
         from .latency import prune_to_latency
@@ -212,6 +229,10 @@ def _run_prune(args) -> int:
         print(f"MACs    {_fmt(r['macs_before'])} -> {_fmt(r['macs_after'])}  ({r['macs_ratio']:.3f})")
         print(f"params  {_fmt(r['params_before'])} -> {_fmt(r['params_after'])}  ({r['params_ratio']:.3f})")
         print(f"groups  {len(r['groups'])} found, {pruned} pruned; {len(r['pinned'])} weight axes pinned")
+        for h in r.get("hidden", []):
+            print(f"hidden  {h['before']} -> {h['after']}  ({h['name']})")
+        if "hidden" in r and not r["hidden"]:
+            print("hidden  not pruned: pinned (see `graphprune analyze --prune-hidden` for why)")
         for w in r.get("warnings", []):
             print(f"warning: {w}")
         if r.get("kv_cache"):
@@ -269,7 +290,7 @@ def _run_analyze(argv) -> int:
     from .api import analyze
 
     args = build_analyze_parser().parse_args(argv)
-    res = analyze(args.model, gqa_uniform=args.gqa_uniform, prune_kv_cache=args.prune_kv_cache)
+    res = analyze(args.model, gqa_uniform=args.gqa_uniform, policy=_policy(args))
     d = res.to_dict()
     print(f"MACs {_fmt(d['macs'])}  params {_fmt(d['params'])}  groups {len(d['groups'])}")
     print("\nprunable groups:")

@@ -138,6 +138,7 @@ class DependencyGraph:
         self.ties: list[tuple[int, np.ndarray, int, np.ndarray]] = []
         self.factors: list = []
         self.carriers: set[int] = set()  # dims a reshape block ties elementwise (e.g. a head axis)
+        self.stat_axes: dict[str, set[int]] = {}  # node (first output) -> dims it takes statistics over
         self.node_dims: dict[int, list[int]] = {}   # dim id -> nodes (names) using it
         self.cost_terms: list = []  # filled by cost model
         self._tensors = model.graph.tensors()

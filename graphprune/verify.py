@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .dependency import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, DependencyGraph
+from .dependency import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, DependencyGraph, Dim
 from .graph import Model
 from .runtime import run_model, synthetic_inputs
 
@@ -20,11 +20,20 @@ def masked_model(original: Model, dg: DependencyGraph, removed_labels: np.ndarra
     channels' producer rows and per-channel parameters are zeroed too, which changes
     nothing downstream of a zeroed consumer and makes a removed head-dimension element
     contribute nothing to an activation x activation contraction (Q.K^T).
+
+    Zeroing is not enough where an op takes statistics over an axis that loses elements
+    (hidden-width pruning: LayerNorm/RMSNorm, or the ReduceMean of a decomposed norm): the
+    pruned op averages over the D' kept channels, not over D. Such nodes (the op rules mark
+    their statistics axes, see ``RuleContext.statistics``) run in the reference on the kept
+    elements only: every input axis that loses elements is gathered to the kept ones, and
+    every output axis that loses elements is scattered back to its full width with zeros at
+    the removed positions. Gather and Where are exact, so the oracle stays exact.
     """
     proto = original.to_proto(infer=False)
     model = Model.from_proto(proto, original.meta)
     tensors = model.graph.tensors()
-    for dim, idx in dg.removed_elements(removed_labels).items():
+    removed = dg.removed_elements(removed_labels)
+    for dim, idx in removed.items():
         d = dg.dim_index[dim]
         if dg.dim_role.get(d) not in (ROLE_REDUCE, ROLE_OUT, ROLE_PARAM):
             continue
@@ -37,7 +46,72 @@ def masked_model(original: Model, dg: DependencyGraph, removed_labels: np.ndarra
         values[tuple(sl)] = 0
         t.values = values
         t.data_location = None
+    _restrict_statistics(model, dg, removed)
     return model.to_proto(infer=False)
+
+
+def _restrict_statistics(model: Model, dg: DependencyGraph, removed: dict) -> None:
+    """Nodes whose statistics axes lose elements compute over the kept elements only."""
+    flagged = {key for key, dims in dg.stat_axes.items() if any(dg.dims[d] in removed for d in dims)}
+    if not flagged:
+        return
+    graph = model.graph
+    names = set(graph.tensors())
+    counter = iter(range(1 << 62))
+
+    def fresh(base: str) -> str:
+        while True:
+            name = f"{base}_gpmask{next(counter)}"
+            if name not in names:
+                names.add(name)
+                return name
+
+    lost: dict[str, list] = {}  # tensor -> [(axis, original size, kept indices)]
+    for dim, idx in sorted(removed.items(), key=lambda kv: (kv[0].tensor, kv[0].axis)):
+        size = dg.dim_size[dg.dim_index[dim]]
+        lost.setdefault(dim.tensor, []).append((dim.axis, size, np.setdiff1d(np.arange(size), idx)))
+
+    for node in list(graph.nodes):
+        if not node.outputs or node.outputs[0].name not in flagged:
+            continue
+        for i, t in enumerate(list(node.inputs)):
+            for k, _, kept in lost.get(t.name, ()) if t.name else ():
+                if isinstance(t, gs.Constant):
+                    t = gs.Constant(fresh(t.name), np.ascontiguousarray(np.take(np.asarray(t.values), kept, axis=k)))
+                else:
+                    small = gs.Variable(fresh(t.name), dtype=t.dtype)
+                    graph.nodes.append(gs.Node("Gather", name=fresh(f"{node.name}_keep"), attrs={"axis": k},
+                                               inputs=[t, gs.Constant(fresh("kept"), kept.astype(np.int64))],
+                                               outputs=[small]))
+                    t = small
+            node.inputs[i] = t
+        for j, out in enumerate(list(node.outputs)):
+            axes = lost.get(out.name, []) if out.name else []
+            if not axes:
+                continue
+            rank = len(out.shape if out.shape is not None else dg.tensor(out.name).shape)
+            small = gs.Variable(fresh(out.name), dtype=out.dtype)
+            node.outputs[j] = small
+            for n, (k, size, kept) in enumerate(axes):
+                last = n == len(axes) - 1
+                position = np.zeros(size, np.int64)
+                position[kept] = np.arange(len(kept))
+                mask_shape = [1] * rank
+                mask_shape[k] = size
+                mask = np.zeros(size, bool)
+                mask[kept] = True
+                spread = gs.Variable(fresh(out.name), dtype=out.dtype)
+                full = out if last else gs.Variable(fresh(out.name), dtype=out.dtype)
+                zero = np.zeros((), dtype=out.dtype if out.dtype is not None else np.float32)
+                graph.nodes.append(gs.Node("Gather", name=fresh(f"{node.name}_spread"), attrs={"axis": k},
+                                           inputs=[small, gs.Constant(fresh("position"), position)],
+                                           outputs=[spread]))
+                graph.nodes.append(gs.Node("Where", name=fresh(f"{node.name}_scatter"),
+                                           inputs=[gs.Constant(fresh("kept_mask"), mask.reshape(mask_shape)),
+                                                   spread, gs.Constant(fresh("zero"), zero)],
+                                           outputs=[full]))
+                small = full
+    graph.toposort()
 
 
 def compare_outputs(a: list, b: list) -> dict:

@@ -192,6 +192,13 @@ class RuleContext:
         if d is not None:
             self.dg.carriers.add(d)
 
+    def statistics(self, t: gs.Tensor, axis: int) -> None:
+        """Mark an input axis the op takes statistics over (a mean, variance, max): it may lose
+        elements (the op then runs over the kept ones), and the oracle computes it that way."""
+        d = self._dim(t, axis)
+        if d is not None and self.node.outputs:
+            self.dg.stat_axes.setdefault(self.node.outputs[0].name, set()).add(d)
+
     def role(self, t: gs.Tensor, axis: int, role: str) -> None:
         d = self._dim(t, axis)
         if d is not None and isinstance(t, gs.Constant):

@@ -12,18 +12,27 @@ MS = "com.microsoft"
 
 
 class SkipLayerNorm(LayerNorm):
-    """SkipLayerNormalization: LayerNorm(input + skip + bias) over the last axis."""
+    """SkipLayerNormalization (and the simplified, RMS form): LayerNorm(input + skip + bias)
+    over the last axis. The hidden axis is pinned, except under prune_hidden: then input,
+    skip, gamma, beta, bias and the outputs share its channels, and the statistics are
+    taken over the kept ones."""
 
     def analyze(self, ctx: RuleContext) -> None:
         x, skip = ctx.input(0), ctx.input(1)
         r = len(ctx.shape(x))
-        for out in ctx.node.outputs:
-            if out.name and len(ctx.shape(out) or ()) == r:
-                for k in range(r - 1):
-                    ctx.tie(x, k, out, k)
-                    if skip is not None and len(ctx.shape(skip)) == r:
-                        ctx.tie(skip, k, out, k)
-        reason = "normalized axis: hidden width is pinned"
+        full = [out for out in ctx.node.outputs if out.name and len(ctx.shape(out) or ()) == r]
+        for out in full:  # output and input_skip_bias_sum; mean and inv_std_var end in size 1
+            for k in range(r - 1):
+                ctx.tie(x, k, out, k)
+                if skip is not None and len(ctx.shape(skip)) == r:
+                    ctx.tie(skip, k, out, k)
+        if ctx.policy("prune_hidden", False):
+            for out in full:
+                ctx.tie(x, r - 1, out, r - 1)
+            ctx.statistics(x, r - 1)
+            ctx.broadcast([t for t in ctx.node.inputs[1:] if t.name], [x])
+            return
+        reason = "normalized axis: hidden width is pinned (ask for --prune-hidden to prune it)"
         for t in list(ctx.node.inputs) + list(ctx.node.outputs):
             if t.name and ctx.shape(t):
                 ctx.pin(t, len(ctx.shape(t)) - 1, reason)

@@ -216,7 +216,9 @@ def _axes(ctx: RuleContext, attr: str = "axes", input_index: int = 1):
 
 
 class Reduce(OpRule):
-    """Reduce*: kept axes map one to one (dropped when keepdims=0); reduced axes are fixed."""
+    """Reduce*: kept axes map one to one (dropped when keepdims=0). A reduced axis is pinned,
+    except under prune_hidden, where it may lose elements: the reduction then runs over the
+    kept ones (a mean over D' channels, not D), which the oracle reproduces."""
 
     def analyze(self, ctx: RuleContext) -> None:
         x, y = ctx.input(0), ctx.output(0)
@@ -229,12 +231,19 @@ class Reduce(OpRule):
             if int(ctx.attrs.get("noop_with_empty_axes", 0)):
                 for k in range(r):
                     ctx.tie(x, k, y, k)
-            return  # reduces everything
+                return
+            axes = list(range(r))  # reduces everything
         axes = {a % r for a in axes}
         keep = int(ctx.attrs.get("keepdims", 1))
+        hidden = ctx.policy("prune_hidden", False)
         j = 0
         for k in range(r):
             if k in axes:
+                if hidden:
+                    ctx.statistics(x, k)
+                else:
+                    ctx.pin(x, k, "reduced axis: pruning it changes the reduction (--prune-hidden "
+                                  "takes it over the kept channels)")
                 j += keep
                 continue
             ctx.tie(x, k, y, j)
@@ -620,8 +629,12 @@ class Expand(OpRule):
 
 
 class LayerNorm(OpRule):
-    """LayerNormalization (and RMSNormalization): leading axes map one to one; the normalized
-    axes mix their elements, so they are pinned unless hidden-width pruning is asked for."""
+    """LayerNormalization / RMSNormalization: leading axes map one to one; the normalized axes
+    mix their elements (mean and variance), so they are pinned, except under prune_hidden:
+    then they are channels (scale and bias per channel) and the statistics are taken over the
+    kept ones, which is what the pruned op computes and what the oracle reproduces."""
+
+    reason = "normalized axis: hidden width is pinned (ask for --prune-hidden to prune it)"
 
     def analyze(self, ctx: RuleContext) -> None:
         x = ctx.input(0)
@@ -635,15 +648,15 @@ class LayerNorm(OpRule):
         if ctx.policy("prune_hidden", False):
             for k in range(axis, r):
                 ctx.tie(x, k, y, k)
+                ctx.statistics(x, k)
             for i in range(1, len(ctx.node.inputs)):
                 p = ctx.input(i)
                 if p is not None:
                     ctx.broadcast([p], [y])
             return
-        reason = "normalized axis: hidden width is pinned (ask for prune_hidden to prune it)"
         for k in range(axis, r):
-            ctx.pin(x, k, reason)
-            ctx.pin(y, k, reason)
+            ctx.pin(x, k, self.reason)
+            ctx.pin(y, k, self.reason)
 
 
 class Gather(OpRule):
