@@ -296,8 +296,8 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         try:
             out = onnx.shape_inference.infer_shapes(light)
         except Exception:
-            out, moved = proto, set()
-    if moved:
+            out, light = proto, proto
+    if light is not proto:  # keep the input's own initializers and input list
         result = onnx.ModelProto()
         result.CopyFrom(proto)
         del result.graph.value_info[:]
@@ -320,10 +320,18 @@ _LIGHT_BYTES = 4096
 
 def _without_big_weights(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set]:
     """A copy without large initializers (declared as inputs instead): shape inference needs
-    only their shapes, and serializing hundreds of MB for it is most of its cost."""
+    only their shapes, and serializing hundreds of MB for it is most of its cost.
+
+    Below IR version 4 onnx reads the types of initializers from the graph inputs only, so
+    every initializer the input list lacks is declared there too (the copy only).
+    """
     big = [t for t in proto.graph.initializer
            if len(t.raw_data) > _LIGHT_BYTES or onnx.external_data_helper.uses_external_data(t)]
-    if not big:
+    declared = {i.name for i in proto.graph.input}
+    names = {t.name for t in big}
+    undeclared_small = [t for t in proto.graph.initializer if proto.ir_version < 4
+                        and t.name not in declared and t.name not in names]
+    if not big and not undeclared_small:
         return proto, set()
     light = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
@@ -336,14 +344,12 @@ def _without_big_weights(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set]:
     g.input.extend(proto.graph.input)
     g.output.extend(proto.graph.output)
     g.value_info.extend(proto.graph.value_info)
-    names = {t.name for t in big}
-    declared = {i.name for i in proto.graph.input}
     g.initializer.extend(t for t in proto.graph.initializer if t.name not in names)
     g.sparse_initializer.extend(proto.graph.sparse_initializer)
-    for t in big:
+    for t in big + undeclared_small:
         if t.name not in declared:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return light, names - declared
+    return light, (names | {t.name for t in undeclared_small}) - declared
 
 
 def tensor_shape(t: gs.Tensor) -> Shape | None:

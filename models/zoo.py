@@ -371,7 +371,8 @@ def _pin_spatial(height: int, width: int) -> Callable[[str, str], None]:
 def materialize_constant_of_shape(src: str, dst: str, seed: int = SEED) -> None:
     """Replace every weight-generating ``ConstantOfShape`` (Caffe2 "light" files) by a random
     initializer of the same shape. BatchNorm scale and variance stay positive; nothing else
-    in the graph changes (IR version, opset, inputs listing initializers are kept)."""
+    in the graph changes (IR version, opset, inputs listing initializers are kept; below IR
+    version 4 the new initializers are listed as graph inputs too, as the spec requires)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -406,8 +407,11 @@ def materialize_constant_of_shape(src: str, dst: str, seed: int = SEED) -> None:
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     inputs = [i for i in model.graph.input if i.name not in dropped]
+    if model.ir_version < 4:  # below IR 4 every initializer must also be a graph input
+        inputs += [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in new_inits]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
+    onnx.checker.check_model(model)
     onnx.save(model, dst)
 
 

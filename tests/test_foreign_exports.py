@@ -1,0 +1,107 @@
+"""ONNX files from exporters other than PyTorch's: Caffe2 (IR version 3), and the op patterns
+found in paddle2onnx, tf2onnx and TorchScript files of the model zoo (tools/bench_zoo.py).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune
+from conftest import assert_oracle
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # models/ is a top-level package of the repository
+    sys.path.insert(0, str(ROOT))
+
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+
+def _initializers_listed(model: onnx.ModelProto) -> None:
+    """Every initializer is a graph input with the initializer's own shape (IR < 4)."""
+    inputs = {i.name: i for i in model.graph.input}
+    for t in model.graph.initializer:
+        assert t.name in inputs, f"initializer {t.name} is not a graph input"
+        dims = [d.dim_value for d in inputs[t.name].type.tensor_type.shape.dim]
+        assert dims == list(t.dims), f"{t.name}: input shape {dims} != initializer shape {list(t.dims)}"
+
+
+# --------------------------------------------------------------------------- Caffe2, IR version 3
+
+
+@pytest.mark.parametrize("name", ["squeezenet", "shufflenet"])
+def test_caffe2_ir3_light_models_prune(tmp_path, name):
+    """The onnx package's Caffe2 files (IR 3, opset 9, initializers listed as inputs; small
+    1x1 and grouped conv weights) prune to half the MACs and stay valid IR-3 models."""
+    from models.zoo import materialize_constant_of_shape
+
+    src = LIGHT / f"light_{name}.onnx"
+    dst = tmp_path / f"{name}.onnx"
+    materialize_constant_of_shape(str(src), str(dst))
+    original = onnx.load(dst)
+    assert original.ir_version == 3
+    _initializers_listed(original)
+    result = assert_oracle(str(dst), target_flops=0.5)
+    assert 0.48 <= result.report["macs_ratio"] <= 0.5, result.report["macs_ratio"]
+    pruned = result.model
+    assert pruned.ir_version == 3
+    _initializers_listed(pruned)
+    data = [i.name for i in original.graph.input if i.name not in {t.name for t in original.graph.initializer}]
+    assert [i.name for i in pruned.graph.input if i.name in data] == data
+    onnx.checker.check_model(pruned, full_check=True)
+    out = tmp_path / "pruned.onnx"
+    result.save(out)
+    assert onnx.load(out).ir_version == 3
+
+
+def _ir3_conv_model(list_weights: bool) -> onnx.ModelProto:
+    """conv(8->16, 1x1) -> relu -> conv(16->4, 1x1), IR 3 / opset 9; every weight is small."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 8, 1, 1)).astype(np.float32)
+    b1 = rng.standard_normal(16).astype(np.float32)
+    w2 = rng.standard_normal((4, 16, 1, 1)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], kernel_shape=[1, 1])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 5, 5])]
+    if list_weights:
+        inputs = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits] + inputs
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+
+
+@pytest.mark.parametrize("list_weights", [True, False])
+def test_ir3_small_weights_are_constants(list_weights):
+    """Below IR 4 onnx's shape inference reads initializer types from the input list only; a
+    weight missing there (or a small one that stays inline) must still give the conv its shape,
+    and the saved model lists every initializer, with its pruned shape, as an input."""
+    model = _ir3_conv_model(list_weights)
+    result = assert_oracle(model, target_flops=0.5, round_to=1)
+    pruned = result.model
+    assert pruned.ir_version == 3
+    _initializers_listed(pruned)
+    shapes = {t.name: list(t.dims) for t in pruned.graph.initializer}
+    assert shapes["w1"][0] < 16 and shapes["w2"][1] == shapes["w1"][0] == shapes["b1"][0]
+    assert pruned.graph.input[-1 if list_weights else 0].name == "x"  # the input list keeps its order
+
+
+def test_ir8_initializer_listed_as_input_is_a_weight():
+    """An IR >= 4 input with an initializer (a default value, e.g. PyTorch's
+    keep_initializers_as_inputs) is analysed as a weight and listed again with its new shape."""
+    model = _ir3_conv_model(True)
+    model.ir_version = 8
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid("", 13)])
+    result = assert_oracle(model, target_flops=0.5, round_to=1)
+    pruned = result.model
+    assert pruned.ir_version == 8
+    listed = {i.name for i in pruned.graph.input}
+    assert {"w1", "b1", "w2", "x"} <= listed
+    _initializers_listed(helper.make_model(pruned.graph, ir_version=3))
