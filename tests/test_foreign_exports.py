@@ -105,3 +105,27 @@ def test_ir8_initializer_listed_as_input_is_a_weight():
     listed = {i.name for i in pruned.graph.input}
     assert {"w1", "b1", "w2", "x"} <= listed
     _initializers_listed(helper.make_model(pruned.graph, ir_version=3))
+
+
+# --------------------------------------------------------------------------- TorchScript channel shuffle
+
+
+def test_torchscript_deep_channel_shuffle_is_prunable(tmp_path):
+    """A ShuffleNetV2 stack as the TorchScript exporter writes it: every channel shuffle is
+    Reshape -> Transpose -> Reshape with targets built at run time (Shape -> Gather -> Div ->
+    Concat), which onnx's inference cannot follow, one block after another. Every block's
+    shapes must be recovered (not only the first few), so only the classifier stays pinned."""
+    torch = pytest.importorskip("torch")
+    from models.cnn import ShuffleUnit, _finish, _head, conv_bn
+    from models.export import export_onnx
+
+    torch.manual_seed(0)
+    units = [ShuffleUnit(16, 32, 2)] + [ShuffleUnit(32, 32, 1) for _ in range(11)]
+    module = _finish(torch.nn.Sequential(conv_bn(3, 16, 3, 2), *units, conv_bn(32, 64, 1), _head(64)), 0)
+    path = export_onnx(module, tmp_path / "shuffle.onnx", dynamo=False, input_shape=(1, 3, 32, 32))
+    assert sum(n.op_type == "Transpose" for n in onnx.load(path).graph.node) == len(units)
+    analysis = graphprune.analyze(path)
+    pinned = [(p.tensor, p.reason) for p in analysis.pinned]
+    assert all("graph output" in reason for _, reason in pinned), pinned
+    result = assert_oracle(path, target_flops=0.5)
+    assert 0.48 <= result.report["macs_ratio"] <= 0.5, result.report["macs_ratio"]
