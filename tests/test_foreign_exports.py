@@ -129,3 +129,67 @@ def test_torchscript_deep_channel_shuffle_is_prunable(tmp_path):
     assert all("graph output" in reason for _, reason in pinned), pinned
     result = assert_oracle(path, target_flops=0.5)
     assert 0.48 <= result.report["macs_ratio"] <= 0.5, result.report["macs_ratio"]
+
+
+# --------------------------------------------------------------------------- paddle2onnx (PP-OCRv4 det)
+
+_PADDLE_DET = """
+<ir_version: 8, opset_import: ["" : 12]>
+det (float[N, 3, 32, 32] x) => (float[N, 1, 32, 32] y) {
+    c1 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], strides = [2, 2]> (x, w1, b1)
+    s1 = Mul (mw, c1)
+    a1 = Add (s1, mb)
+    t1 = Add (a1, three)
+    k1 = Clip (t1, zero, six)
+    m1 = Mul (a1, k1)
+    h1 = Div (m1, six)
+    d2 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 16> (h1, w2, b2)
+    p2 = GlobalAveragePool (d2)
+    e2 = Conv <kernel_shape = [1, 1]> (p2, wse1, bse1)
+    r2 = Relu (e2)
+    f2 = Conv <kernel_shape = [1, 1]> (r2, wse2, bse2)
+    g2 = HardSigmoid <alpha = 0.1666667, beta = 0.5> (f2)
+    h2 = Mul (d2, g2)
+    c3 = Conv <kernel_shape = [1, 1], strides = [2, 2]> (h2, w3, b3)
+    r3 = Relu (c3)
+    l3 = Conv <kernel_shape = [1, 1]> (r3, wl3)
+    l2 = Conv <kernel_shape = [1, 1]> (h2, wl2)
+    u3 = Resize <mode = "nearest", coordinate_transformation_mode = "asymmetric", nearest_mode = "floor"> (l3, roi, scales)
+    s2 = Add (l2, u3)
+    o3 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (l3, wo3)
+    o2 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (s2, wo2)
+    v3 = Resize <mode = "nearest", coordinate_transformation_mode = "asymmetric", nearest_mode = "floor"> (o3, roi, scales)
+    cat = Concat <axis = 1> (v3, o2)
+    hc = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (cat, wh)
+    hb = BatchNormalization (hc, bn_s, bn_b, bn_m, bn_v)
+    hr = Relu (hb)
+    t = ConvTranspose <kernel_shape = [2, 2], strides = [2, 2]> (hr, wt, bt)
+    z = Conv <kernel_shape = [1, 1]> (t, wz, bz)
+    y = Sigmoid (z)
+}
+"""
+
+
+def test_paddle2onnx_det_patterns_hold_the_oracle():
+    """The PP-OCRv4 detector's op patterns (paddle2onnx, opset 12): per-tensor learnable affine
+    (Mul/Add by a [1] weight), hard-swish as Add/Clip/Mul/Div with scalar bounds, a
+    squeeze-excite with HardSigmoid, nearest Resize by scales with an empty roi, an FPN Add and
+    Concat, a BN + ConvTranspose head. (The zoo's PP-OCR oracle failures were float noise,
+    not these rules: see models/zoo.py.)"""
+    from conftest import make_model
+
+    w = {"w1": (16, 3, 3, 3), "b1": (16,), "w2": (16, 1, 3, 3), "b2": (16,), "wse1": (8, 16, 1, 1),
+         "bse1": (8,), "wse2": (16, 8, 1, 1), "bse2": (16,), "w3": (32, 16, 1, 1), "b3": (32,),
+         "wl3": (16, 32, 1, 1), "wl2": (16, 16, 1, 1), "wo3": (8, 16, 3, 3), "wo2": (8, 16, 3, 3),
+         "wh": (16, 16, 3, 3), "wt": (16, 8, 2, 2), "bt": (8,), "wz": (1, 8, 1, 1), "bz": (1,)}
+    rng = np.random.default_rng(1)
+    w.update({"mw": np.array([0.9], np.float32), "mb": np.array([0.1], np.float32),
+              "three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32),
+              "six": np.array(6.0, np.float32), "roi": np.zeros(0, np.float32),
+              "scales": np.array([1, 1, 2, 2], np.float32),
+              "bn_s": rng.uniform(0.5, 1.5, 16).astype(np.float32), "bn_b": rng.uniform(-0.1, 0.1, 16).astype(np.float32),
+              "bn_m": rng.uniform(-0.1, 0.1, 16).astype(np.float32), "bn_v": rng.uniform(0.5, 2, 16).astype(np.float32)})
+    model = make_model(_PADDLE_DET, w)
+    result = assert_oracle(model, target_flops=0.5, round_to=1)
+    shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert shapes["w1"][0] < 16 and shapes["wh"][1] == shapes["wo3"][0] + shapes["wo2"][0]
