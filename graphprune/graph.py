@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import BadInputError
@@ -201,13 +202,90 @@ def _aligned(node: gs.Node, rank: int, j: int) -> list:
     return out
 
 
+def _type_proto(t: gs.Tensor) -> "onnx.TypeProto | None":
+    shape = tensor_shape(t)
+    try:
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+    except Exception:
+        return None
+    tp = onnx.TypeProto()
+    tp.tensor_type.elem_type = elem
+    if shape is None:
+        return tp
+    tp.tensor_type.shape.SetInParent()
+    for d in shape:
+        dim = tp.tensor_type.shape.dim.add()
+        if isinstance(d, int) and d >= 0:
+            dim.dim_value = d
+        elif isinstance(d, str) and not _unknown(d):
+            dim.dim_param = d
+    return tp
+
+
+def _refine_node(node: gs.Node, opsets: list, refined: dict | None) -> bool:
+    """Unknown output dims from onnx's inference of this one node, on the refined input shapes.
+
+    Whole-graph inference runs between refinement rounds; a chain of refined reshapes
+    (channel shuffles: Reshape -> Transpose -> Reshape per block) would need one round per
+    link, so the ops between them are inferred here, in the same topological sweep.
+    """
+    outs = [o for o in node.outputs if o.name]
+    if not outs or all((s := tensor_shape(o)) is not None and not any(_unknown(d) for d in s) for o in outs):
+        return False
+    if (node.domain or "") not in ("", "ai.onnx") or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+        return False
+    try:
+        schema = onnx.defs.get_schema(node.op, max(o.version for o in opsets if o.domain in ("", "ai.onnx")), "")
+    except Exception:
+        return False
+    types, data = {}, {}
+    for t in node.inputs:
+        if not t.name:
+            continue
+        tp = _type_proto(t)
+        if tp is None:
+            return False
+        types[t.name] = tp
+        if isinstance(t, gs.Constant) and int(np.prod(t.shape)) <= 64:
+            data[t.name] = onnx.numpy_helper.from_array(np.asarray(t.values), t.name)
+    try:
+        proto = OnnxExporter.export_node(node)
+        inferred = onnx.shape_inference.infer_node_outputs(schema, proto, types, data, opset_imports=opsets)
+    except Exception:
+        return False
+    changed = False
+    for o in outs:
+        tp = inferred.get(o.name)
+        if tp is None or not tp.tensor_type.HasField("shape"):
+            continue
+        new = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tp.tensor_type.shape.dim]
+        old = tensor_shape(o)
+        if old is not None and len(old) != len(new):
+            continue
+        merged = list(new) if old is None else [b if _unknown(a) and not _unknown(b) else a for a, b in zip(old, new)]
+        if old is not None and list(old) == merged or all(_unknown(d) for d in merged) and merged:
+            continue
+        o.shape = merged
+        if o.dtype is None:
+            o.dtype = onnx.helper.tensor_dtype_to_np_dtype(tp.tensor_type.elem_type)
+        if refined is not None:
+            refined[o.name] = merged
+        changed = True
+    return changed
+
+
 def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) -> bool:
     """Fill unknown output dims of Reshape/Expand from static shape values or by cancelling
-    symbolic dims (reshape(b, s, -1)); returns whether anything changed."""
+    symbolic dims (reshape(b, s, -1)), of Slice from static bounds, of broadcasting ops from
+    their inputs, and of other ops by onnx's inference of the node on refined inputs;
+    returns whether anything changed."""
     changed = False
     ev = None
     symbols = None
     for node in graph.nodes:
+        if node.op not in _BROADCAST and node.op not in ("Slice", "Reshape", "Flatten", "Expand"):
+            changed = _refine_node(node, opsets, refined) or changed
+            continue
         if node.op in _BROADCAST and node.outputs:
             changed = _refine_broadcast(node, refined) or changed
             continue
@@ -296,8 +374,8 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         try:
             out = onnx.shape_inference.infer_shapes(light)
         except Exception:
-            out, moved = proto, set()
-    if moved:
+            out, light = proto, proto
+    if light is not proto:  # keep the input's own initializers and input list
         result = onnx.ModelProto()
         result.CopyFrom(proto)
         del result.graph.value_info[:]
@@ -320,10 +398,18 @@ _LIGHT_BYTES = 4096
 
 def _without_big_weights(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set]:
     """A copy without large initializers (declared as inputs instead): shape inference needs
-    only their shapes, and serializing hundreds of MB for it is most of its cost."""
+    only their shapes, and serializing hundreds of MB for it is most of its cost.
+
+    Below IR version 4 onnx reads the types of initializers from the graph inputs only, so
+    every initializer the input list lacks is declared there too (the copy only).
+    """
     big = [t for t in proto.graph.initializer
            if len(t.raw_data) > _LIGHT_BYTES or onnx.external_data_helper.uses_external_data(t)]
-    if not big:
+    declared = {i.name for i in proto.graph.input}
+    names = {t.name for t in big}
+    undeclared_small = [t for t in proto.graph.initializer if proto.ir_version < 4
+                        and t.name not in declared and t.name not in names]
+    if not big and not undeclared_small:
         return proto, set()
     light = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
@@ -336,14 +422,12 @@ def _without_big_weights(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set]:
     g.input.extend(proto.graph.input)
     g.output.extend(proto.graph.output)
     g.value_info.extend(proto.graph.value_info)
-    names = {t.name for t in big}
-    declared = {i.name for i in proto.graph.input}
     g.initializer.extend(t for t in proto.graph.initializer if t.name not in names)
     g.sparse_initializer.extend(proto.graph.sparse_initializer)
-    for t in big:
+    for t in big + undeclared_small:
         if t.name not in declared:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return light, names - declared
+    return light, (names | {t.name for t in undeclared_small}) - declared
 
 
 def tensor_shape(t: gs.Tensor) -> Shape | None:

@@ -11,7 +11,7 @@ from onnx import external_data_helper
 
 from .errors import BadInputError
 
-__all__ = ["ModelMeta", "load_model", "save_model", "materialize", "uses_external_data", "SUPPORTED_OPSETS", "TWO_GB"]
+__all__ = ["ModelMeta", "list_initializers_as_inputs", "load_model", "save_model", "materialize", "uses_external_data", "SUPPORTED_OPSETS", "TWO_GB"]
 
 TWO_GB = 2**31
 SUPPORTED_OPSETS = range(7, 26)
@@ -32,6 +32,8 @@ class ModelMeta:
     functions: list = field(default_factory=list)
     had_external_data: bool = False
     base_dir: str = ""  # folder external data locations are relative to
+    initializer_inputs: list = field(default_factory=list)  # graph inputs backed by an initializer
+    input_order: list = field(default_factory=list)  # every graph input's name, as the input lists them
 
     @classmethod
     def of(cls, model: onnx.ModelProto, had_external_data: bool = False, base_dir: str = "") -> "ModelMeta":
@@ -47,6 +49,8 @@ class ModelMeta:
             functions=list(model.functions),
             had_external_data=had_external_data,
             base_dir=base_dir,
+            initializer_inputs=[i.name for i in model.graph.input if i.name in _initializer_names(model)],
+            input_order=[i.name for i in model.graph.input],
         )
 
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -62,6 +66,7 @@ class ModelMeta:
         model.metadata_props.extend(self.metadata_props)
         del model.functions[:]
         model.functions.extend(self.functions)
+        list_initializers_as_inputs(model, self.initializer_inputs, self.input_order)
         return model
 
     @property
@@ -70,6 +75,48 @@ class ModelMeta:
             if o.domain in ("", "ai.onnx"):
                 return o.version
         return 0
+
+
+def _initializer_names(model: onnx.ModelProto) -> set:
+    return {t.name for t in model.graph.initializer}
+
+
+def list_initializers_as_inputs(model: onnx.ModelProto, names: "list | tuple" = (),
+                                order: "list | tuple" = ()) -> onnx.ModelProto:
+    """List initializers as graph inputs where the model's IR version needs it (in place).
+
+    Analysis treats an input backed by an initializer as a constant weight, so the in-memory
+    graph drops it from the inputs. On export, IR < 4 needs every initializer listed as an
+    input (the spec's rule before IR 4); for IR >= 4 the inputs the original listed (`names`,
+    overridable defaults) are listed again. Each gets the initializer's current (pruned) shape;
+    inputs named in `order` (the original's input list) keep their places.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    listed = {i.name for i in model.graph.input}
+    wanted = [n for n in names if n in inits]
+    if model.ir_version < 4:
+        wanted += [t.name for t in model.graph.initializer]
+    new = []
+    for name in dict.fromkeys(wanted):
+        if name not in listed:
+            t = inits[name]
+            new.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    for vi in model.graph.input:  # an input still listed keeps its name but gets the new shape
+        t = inits.get(vi.name)
+        if t is not None and vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
+            for d in t.dims:
+                vi.type.tensor_type.shape.dim.add().dim_value = int(d)
+    if new or order:
+        pos = {n: k for k, n in enumerate(order)}
+        inputs = list(model.graph.input) + new
+        ranked = sorted(range(len(inputs)), key=lambda k: (pos.get(inputs[k].name, len(pos)), k))
+        reordered = [onnx.ValueInfoProto() for _ in ranked]
+        for dst, k in zip(reordered, ranked):
+            dst.CopyFrom(inputs[k])
+        del model.graph.input[:]
+        model.graph.input.extend(reordered)
+    return model
 
 
 def _check_opset(model: onnx.ModelProto, where: str) -> None:

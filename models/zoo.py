@@ -25,7 +25,12 @@ self-contained ``.onnx`` file (cached on disk, like :func:`models.export.build_o
   - ``paddle2onnx``: PP-OCRv4 text detection and recognition, PP-OCR v2 direction classifier
     (PyPI ``rapidocr-onnxruntime``). Their spatial input axes are dynamic in the shipped
     files; the zoo pins them to a typical size (det 320x320, rec 48x320, cls 48x192) and
-    keeps the batch axis dynamic, so MACs are well defined.
+    keeps the batch axis dynamic, so MACs are well defined. On synthetic N(0, 1) inputs their
+    oracle error at rtol 1e-4 is float32 noise, not a rewrite error: the detector's sigmoid output
+    saturates (max ~1e-7, so a 2e-5 logit difference is a 8e-2 relative error; the masked original
+    alone, run with and without onnxruntime's graph optimizations, differs by the same 7.9e-2), and
+    the recognizer is deep with large activations (the same masked-vs-masked noise floor is 8e-5;
+    pruned and masked agree to 1e-14 in float64 under onnx's reference evaluator).
   - ``onnx-caffe2``: SqueezeNet, ResNet-50 and ShuffleNet exported from Caffe2, as shipped in
     the ``onnx`` package's backend test data (``light_*.onnx``: IR version 3, opset 9,
     initializers also listed as graph inputs). The shipped "light" files generate every
@@ -371,7 +376,8 @@ def _pin_spatial(height: int, width: int) -> Callable[[str, str], None]:
 def materialize_constant_of_shape(src: str, dst: str, seed: int = SEED) -> None:
     """Replace every weight-generating ``ConstantOfShape`` (Caffe2 "light" files) by a random
     initializer of the same shape. BatchNorm scale and variance stay positive; nothing else
-    in the graph changes (IR version, opset, inputs listing initializers are kept)."""
+    in the graph changes (IR version, opset, inputs listing initializers are kept; below IR
+    version 4 the new initializers are listed as graph inputs too, as the spec requires)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -406,8 +412,11 @@ def materialize_constant_of_shape(src: str, dst: str, seed: int = SEED) -> None:
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     inputs = [i for i in model.graph.input if i.name not in dropped]
+    if model.ir_version < 4:  # below IR 4 every initializer must also be a graph input
+        inputs += [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in new_inits]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
+    onnx.checker.check_model(model)
     onnx.save(model, dst)
 
 
