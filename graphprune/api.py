@@ -178,6 +178,8 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
                             for p in ctx.dependency.pinned]
     if policy.get("prune_hidden"):
         ctx.report["hidden"] = _hidden_report(ctx)
+        if not ctx.report["hidden"]:
+            ctx.report["hidden_pinned"] = _hidden_pin_reason(ctx.dependency)
     return PruneResult(ctx.model.to_proto(), ctx.report, ctx)
 
 
@@ -197,6 +199,18 @@ def _hidden_report(ctx: PruneContext) -> list[dict]:
         gone = sum(len(member.indices[i]) for i in removed.get(g.id, []))
         out.append({"group": g.id, "name": g.name, "before": int(before), "after": int(before - gone)})
     return out
+
+
+def _hidden_pin_reason(dg) -> str:
+    """Why the width normalisation statistics run over was not prunable (first reasons found)."""
+    import numpy as np
+
+    stat = sorted({d for dims in dg.stat_axes.values() for d in dims if not dg.dim_opaque[d] and dg.dim_size[d] > 1})
+    if not stat:
+        return "no normalisation over a channel axis found"
+    labels = np.unique(np.concatenate([dg.elements(d) for d in stat]))
+    reasons = sorted({reason for d, reason in dg.dim_pin.items() if np.isin(dg.elements(d), labels).any()})
+    return "; ".join(reasons[:3]) or "no producer weight to prune"
 
 
 def _group_report(ctx: PruneContext) -> list[dict]:

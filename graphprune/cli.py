@@ -232,7 +232,7 @@ def _run_prune(args) -> int:
         for h in r.get("hidden", []):
             print(f"hidden  {h['before']} -> {h['after']}  ({h['name']})")
         if "hidden" in r and not r["hidden"]:
-            print("hidden  not pruned: pinned (see `graphprune analyze --prune-hidden` for why)")
+            print(f"hidden  not pruned: {r.get('hidden_pinned', 'pinned')}")
         for w in r.get("warnings", []):
             print(f"warning: {w}")
         if r.get("kv_cache"):

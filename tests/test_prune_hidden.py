@@ -214,10 +214,13 @@ def test_prune_hidden_hf(onnx_path, name):
 def test_graph_output_pins_hidden(onnx_path):
     """hf_bert returns last_hidden_state [b, s, hidden]: the hidden width stays, with the reason."""
     pytest.importorskip("transformers")
-    analysis = graphprune.analyze(onnx_path("hf_bert", "torchscript"), prune_hidden=True)
+    path = onnx_path("hf_bert", "torchscript")
+    analysis = graphprune.analyze(path, prune_hidden=True)
     reasons = {p.reason for p in analysis.pinned if p.count == 64}
     assert any("reaches graph output" in r for r in reasons)
     assert not [g for g in analysis.groups if g.size == 64 and g.kind == "channels"]
+    result = graphprune.prune(path, target_flops=0.7, round_to=1, prune_hidden=True, fidelity=False)
+    assert result.report["hidden"] == [] and "reaches graph output" in result.report["hidden_pinned"]
 
 
 def test_hidden_pinned_by_default(onnx_path):
@@ -276,5 +279,5 @@ def test_fused_skip_layernorm(onnx_path, tmp_path):
             assert gammas == {(h[0]["after"],)}
             assert _zeroing_only_error(result, feeds) > 100 * RTOL
         else:
-            assert result.report["hidden"] == []
+            assert result.report["hidden"] == [] and "EmbedLayerNormalization" in result.report["hidden_pinned"]
             assert any("EmbedLayerNormalization" in p["reason"] for p in result.report["pinned"])
