@@ -179,7 +179,8 @@ def _run_prune(args) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     common = dict(criterion=args.criterion, round_to=args.round_to, min_keep=args.min_keep, protect=args.protect,
                   uniform=args.uniform, seed=args.seed, verify=args.verify, progress=progress,
-                  gqa_uniform=args.gqa_uniform, prune_kv_cache=args.prune_kv_cache, calib=args.calib, calib_samples=args.calib_samples,
+                  gqa_uniform=args.gqa_uniform, prune_kv_cache=args.prune_kv_cache, calib=args.calib,
+                  calib_samples=args.calib_samples,
                   calib_preprocess=args.calib_preprocess, compensate=args.compensate,
                   fidelity=True if args.fidelity else None)
     if args.target_latency is not None:

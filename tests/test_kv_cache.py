@@ -68,7 +68,8 @@ def _dims(vi) -> list:
 
 
 def _cache_names(proto) -> list[str]:
-    return [v.name for v in list(proto.graph.input) + list(proto.graph.output) if v.name.startswith(("past", "present"))]
+    io = list(proto.graph.input) + list(proto.graph.output)
+    return [v.name for v in io if v.name.startswith(("past", "present"))]
 
 
 @pytest.mark.parametrize("name, exporter", CASES)
