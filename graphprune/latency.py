@@ -529,7 +529,10 @@ def prune_to_latency(model, target_latency: float, backend: "str | Backend" = "a
                                     round_to=prune_kwargs.get("round_to", 8),
                                     min_keep=prune_kwargs.get("min_keep", 0.1),
                                     max_counts=lut_counts, runs=lut_runs, cache=cache, cache_dir=cache_dir,
-                                    registry=prune_kwargs.get("registry"), policy=prune_kwargs.get("policy"),
+                                    registry=prune_kwargs.get("registry"),
+                                    policy=dict(prune_kwargs.get("policy") or {},
+                                                **{k: True for k in ("prune_kv_cache", "prune_hidden")
+                                                   if prune_kwargs.get(k)}),
                                     gqa_uniform=prune_kwargs.get("gqa_uniform", False), log=log)
     pipeline = _pipeline_with(table, prune_kwargs.pop("pipeline", None), window)
     original = bk.load(source, feeds)

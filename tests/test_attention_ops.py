@@ -82,6 +82,18 @@ def build(kind: str, hq: int = 4, hkv: int = 4, d: int = 8, *, past: bool = Fals
         nodes += [helper.make_node("Attention", ["q4", "k4", "v4", ""] + cache_in, ["y4"] + cache_out),
                   helper.make_node("Transpose", ["y4"], ["y_t"], perm=[0, 2, 1, 3]),
                   helper.make_node("Reshape", ["y_t", "y_shape"], ["y"])]
+    elif kind == "ms_attn":  # com.microsoft Attention: packed QKV weight, past/present [2, B, N, S, D]
+        nodes = []
+        w = np.concatenate([numpy_helper.to_array(t) for t in inits[:3]], axis=1)
+        inits = [numpy_helper.from_array(w, "Wqkv"), numpy_helper.from_array(
+            rng.standard_normal(w.shape[1]).astype(np.float32), "bqkv"), inits[3]]
+        inputs, outputs = inputs[:1], outputs[:1]
+        if past:
+            inputs.append(helper.make_tensor_value_info("past", F, [2, "batch", hq, "past_seq", d]))
+            outputs.append(helper.make_tensor_value_info("present", F, [2, "batch", hq, "total_seq", d]))
+        nodes.append(helper.make_node("Attention", ["x", "Wqkv", "bqkv", "", "past" if past else ""],
+                                      ["y"] + (["present"] if past else []), domain="com.microsoft",
+                                      num_heads=hq, unidirectional=1))
     else:
         raise ValueError(kind)
     # output projection, residual, and an MLP (so MACs targets are reachable at a fine grain)
@@ -162,7 +174,7 @@ def test_fused_attention_heads(kind, hq, hkv, bias, target):
 
 
 @pytest.mark.parametrize("kind, hq, hkv", [("gqa", 8, 2), ("gqa", 4, 4), ("attn4d", 8, 2), ("attn3d", 4, 2),
-                                           ("mha", 4, 4)])
+                                           ("mha", 4, 4), ("ms_attn", 4, 4)])
 def test_fused_attention_with_cache(kind, hq, hkv):
     model = build(kind, hq, hkv, past=True)
     # the cache reaches graph inputs/outputs: pinned, with the flag named
@@ -173,8 +185,12 @@ def test_fused_attention_with_cache(kind, hq, hkv):
     assert 0.58 <= res.report["macs_ratio"] <= 0.6
     check_pruned(model, res, SIZES_PAST)
     kv = res.report["kv_cache"]
-    kept_kv = kv["past_key"]["after"][1]
-    assert kept_kv < hkv and all(s["after"][1] == kept_kv for s in kv.values())
+    axis = 2 if kind == "ms_attn" else 1  # [2, batch, heads, seq, head_size] for com.microsoft Attention
+    kept_kv = next(iter(kv.values()))["after"][axis]
+    assert kept_kv < hkv and all(s["after"][axis] == kept_kv for s in kv.values()), kv
+    assert len(kv) == (2 if kind == "ms_attn" else 4)
+    if kind == "ms_attn":
+        assert _attr(res.model, "Attention", "num_heads") == [kept_kv]
     if kind == "gqa":
         assert _attr(res.model, "GroupQueryAttention", "kv_num_heads") == [kept_kv]
         assert _attr(res.model, "GroupQueryAttention", "num_heads") == [kept_kv * hq // hkv]

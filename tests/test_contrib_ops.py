@@ -59,7 +59,7 @@ def test_fused_attention_heads_lower_num_heads(fused):
 
 
 def test_kv_cache_attention_is_pinned_with_reason():
-    """A com.microsoft Attention with past state keeps every head, and says why."""
+    """A com.microsoft Attention with past state keeps every head unless prune_kv_cache, and says why."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -80,4 +80,8 @@ def test_kv_cache_attention_is_pinned_with_reason():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     analysis = graphprune.analyze(model)
     assert not [g for g in analysis.groups if g.kind == "heads"]
-    assert any("KV cache" in p.reason for p in analysis.pinned)
+    assert any("KV-cache graph input past" in p.reason and "--prune-kv-cache" in p.reason for p in analysis.pinned)
+    # with the flag the heads are a group that includes the state's head axis (tests/test_attention_ops.py)
+    flagged = graphprune.analyze(model, prune_kv_cache=True)
+    heads = [g for g in flagged.groups if g.kind == "heads"]
+    assert len(heads) == 1 and {("past", 2), ("present", 2)} <= {(m.tensor, m.axis) for m in heads[0].members}

@@ -68,7 +68,8 @@ def _dims(vi) -> list:
 
 
 def _cache_names(proto) -> list[str]:
-    return [v.name for v in list(proto.graph.input) + list(proto.graph.output) if v.name.startswith(("past", "present"))]
+    io = list(proto.graph.input) + list(proto.graph.output)
+    return [v.name for v in io if v.name.startswith(("past", "present"))]
 
 
 @pytest.mark.parametrize("name, exporter", CASES)
@@ -171,3 +172,26 @@ def test_cli_prints_and_reports_cache_shapes(kv_path, tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "cannot reach" in err, err
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("name", ["kv_mha", "kv_gqa"])
+def test_prune_kv_cache_head_dim(kv_path, modules, name):
+    """With head_dim pruning on, the caches' head_size axis shrinks too (keys through the Q.K^T
+    contraction, rotary pairs together; values with the output projection)."""
+    path = kv_path(name, "dynamo")
+    res = graphprune.prune(path, target_flops=0.6, prune_kv_cache=True, policy={"head_dim": True}, round_to=1,
+                           verify=True)
+    assert res.report["oracle"]["equivalent"]
+    assert 0.58 <= res.report["macs_ratio"] <= 0.6
+    onnx.checker.check_model(res.model, full_check=True)
+    kv = res.report["kv_cache"]
+    assert any(s["after"][3] < s["before"][3] for s in kv.values()), kv
+    io = {v.name: _dims(v) for v in list(res.model.graph.input) + list(res.model.graph.output)}
+    assert all(io[c] == s["after"] for c, s in kv.items())
+    ctx = res.context
+    labels = ctx.plan.removed_labels(ctx.groups)
+    masked = masked_model(ctx.original, ctx.dependency, labels)
+    slices = io_slices(ctx.dependency, labels)
+    for batch, seq, past in SIZES[:2]:
+        feeds = kv_example_inputs(modules(name), batch, seq, past, seed=2)
+        assert compare_sliced(masked, res.model, feeds, slices)["max_rel"] <= ORACLE_RTOL

@@ -42,24 +42,35 @@ class Attention(OpRule):
     """com.microsoft Attention with packed QKV weights: whole heads are the units.
 
     Head h owns columns h*d..(h+1)*d of the Q, K and V sections of the weight (and bias)
-    and the same slice of the output; the rewrite lowers num_heads. Past/present state
-    (KV cache) or unequal qkv_hidden_sizes pin everything.
+    and the same slice of the output; the rewrite lowers num_heads. The past/present state
+    ([2, batch, heads, seq, head_size]) follows its heads (it reaches graph inputs/outputs, so
+    it is pinned unless prune_kv_cache is set). Unequal qkv_hidden_sizes, a run-time weight,
+    a per-head attention bias or a state of another layout pin everything.
     """
 
     def analyze(self, ctx: RuleContext) -> None:
         x, w, b, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
         heads = int(ctx.attrs.get("num_heads", 0))
         sizes = ctx.attrs.get("qkv_hidden_sizes")
-        has_past = ctx.input(4) is not None or ctx.output(1) is not None
+        states = [t for t in (ctx.input(4), ctx.output(1)) if t is not None]
+        bias = ctx.input(5)
         ws = ctx.shape(w)
-        if has_past or not ctx.is_const(w) or heads <= 0 or len(ws) != 2 or ws[1] % 3 \
-                or (sizes and len(set(sizes)) != 1):
-            ctx.pin_all("Attention with KV cache, unequal qkv sizes or a run-time weight is kept whole")
+        if not ctx.is_const(w) or heads <= 0 or len(ws) != 2 or ws[1] % 3 \
+                or (sizes and len(set(sizes)) != 1) \
+                or any(len(ctx.shape(t) or ()) != 5 or ctx.shape(t)[2] != heads for t in states) \
+                or (bias is not None and len(ctx.shape(bias) or ()) == 4 and ctx.shape(bias)[1] != 1):
+            ctx.pin_all("Attention with unequal qkv sizes, a run-time weight, a per-head attention bias or an "
+                        "unknown past layout is kept whole")
             return
         hidden = ws[1] // 3
         d = hidden // heads
-        for i in range(3, len(ctx.node.inputs)):  # masks, attention bias: not channels
+        for i in (3, 5, 6):  # mask index, attention bias, past sequence length: not channels
             ctx.skip(ctx.input(i))
+        h = np.arange(heads)
+        for t in states:  # [2 (key, value), batch, heads, seq, head_size]: whole heads
+            ctx.tie(t, 2, y, 2, h, h * d)
+            for ax in (0, 1, 3, 4):
+                ctx.skip(t, ax)
         ctx.tie(x, 0, y, 0)
         ctx.tie(x, 1, y, 1)
         ctx.tie(x, 2, w, 0)
