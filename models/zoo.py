@@ -188,12 +188,24 @@ TORCHVISION_MODELS = (
 )
 
 
+def _randomize_zero_heads(module):
+    """torchvision zero-initialises some classifier heads (ViT, Swin's is not): a zero head makes
+    every output 0, and every pruning check on it vacuous. Give such layers random weights."""
+    import torch
+
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.Linear) and not bool(m.weight.any()):
+                torch.nn.init.normal_(m.weight, std=0.02)
+    return module
+
+
 def _torchvision_spec(name: str) -> TorchSpec:
     def make():
         import torchvision
 
         _seed()
-        return _randomize_bn(getattr(torchvision.models, name)(weights=None)).eval()
+        return _randomize_zero_heads(_randomize_bn(getattr(torchvision.models, name)(weights=None))).eval()
 
     return TorchSpec(make_module=make, make_inputs=_image_inputs(224), input_names=("input",),
                      input_axes={"input": {0: "batch"}}, output_axes={"output": {0: "batch"}})
