@@ -1,9 +1,8 @@
-"""ONNX files from exporters other than PyTorch's: Caffe2 (IR version 3), and the op patterns
-found in paddle2onnx, tf2onnx and TorchScript files of the model zoo (tools/bench_zoo.py).
+"""ONNX files from exporters other than PyTorch's dynamo: Caffe2 (IR version 3), and the op
+patterns found in paddle2onnx and TorchScript files of the model zoo (tools/bench_zoo.py).
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -115,7 +114,7 @@ def test_torchscript_deep_channel_shuffle_is_prunable(tmp_path):
     Reshape -> Transpose -> Reshape with targets built at run time (Shape -> Gather -> Div ->
     Concat), which onnx's inference cannot follow, one block after another. Every block's
     shapes must be recovered (not only the first few), so only the classifier stays pinned."""
-    torch = pytest.importorskip("torch")
+    import torch
     from models.cnn import ShuffleUnit, _finish, _head, conv_bn
     from models.export import export_onnx
 
@@ -200,7 +199,7 @@ def test_torchscript_window_partition_shapes_settle(tmp_path, monkeypatch):
     of the window is computed at run time (Shape -> Mod -> Sub -> Concat -> Pad) and reshapes
     keep an inferred batch symbol (unk__N) that onnx renames on every inference round. The pad
     output gets its static shape, and refinement stops once only such names change."""
-    torch = pytest.importorskip("torch")
+    import torch
     import torch.nn.functional as F
     from models.export import export_onnx
 
