@@ -222,7 +222,16 @@ def _type_proto(t: gs.Tensor) -> "onnx.TypeProto | None":
     return tp
 
 
-def _refine_node(node: gs.Node, opsets: list, refined: dict | None) -> bool:
+def _small_int(t: gs.Tensor) -> bool:
+    shape = tensor_shape(t)
+    try:
+        kind = np.dtype(t.dtype).kind
+    except Exception:
+        return False
+    return kind in "iu" and shape is not None and len(shape) <= 1 and all(isinstance(d, int) and d <= 64 for d in shape)
+
+
+def _refine_node(node: gs.Node, opsets: list, refined: dict | None, ev: "ShapeEvaluator | None" = None) -> bool:
     """Unknown output dims from onnx's inference of this one node, on the refined input shapes.
 
     Whole-graph inference runs between refinement rounds; a chain of refined reshapes
@@ -248,6 +257,10 @@ def _refine_node(node: gs.Node, opsets: list, refined: dict | None) -> bool:
         types[t.name] = tp
         if isinstance(t, gs.Constant) and int(np.prod(t.shape)) <= 64:
             data[t.name] = onnx.numpy_helper.from_array(np.asarray(t.values), t.name)
+        elif ev is not None and _small_int(t):  # pads, sizes, ranges computed from static shapes
+            v = ev.value(t)
+            if v is not None:
+                data[t.name] = onnx.numpy_helper.from_array(np.asarray(v), t.name)
     try:
         proto = OnnxExporter.export_node(node)
         inferred = onnx.shape_inference.infer_node_outputs(schema, proto, types, data, opset_imports=opsets)
@@ -284,7 +297,8 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
     symbols = None
     for node in graph.nodes:
         if node.op not in _BROADCAST and node.op not in ("Slice", "Reshape", "Flatten", "Expand"):
-            changed = _refine_node(node, opsets, refined) or changed
+            ev = ev or ShapeEvaluator(graph, opsets)
+            changed = _refine_node(node, opsets, refined, ev) or changed
             continue
         if node.op in _BROADCAST and node.outputs:
             changed = _refine_broadcast(node, refined) or changed
@@ -355,7 +369,9 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
         if ys is None or any(not known(a) and known(b) for a, b in zip(ys, new)):
             y.shape = [d if known(d) else (ys[k] if ys is not None else None) for k, d in enumerate(new)]
             if ys is None or list(ys) != list(y.shape):
-                changed = True
+                # an inferred (unk__) symbol copied from the input is kept, but is no progress:
+                # onnx renames those symbols every round, which would never settle
+                changed = changed or ys is None or any(_unknown(a) and not _unknown(b) for a, b in zip(ys, y.shape))
                 if refined is not None:
                     refined[y.name] = list(y.shape)
     return changed

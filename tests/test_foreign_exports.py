@@ -1,9 +1,8 @@
-"""ONNX files from exporters other than PyTorch's: Caffe2 (IR version 3), and the op patterns
-found in paddle2onnx, tf2onnx and TorchScript files of the model zoo (tools/bench_zoo.py).
+"""ONNX files from exporters other than PyTorch's dynamo: Caffe2 (IR version 3), and the op
+patterns found in paddle2onnx and TorchScript files of the model zoo (tools/bench_zoo.py).
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -115,7 +114,7 @@ def test_torchscript_deep_channel_shuffle_is_prunable(tmp_path):
     Reshape -> Transpose -> Reshape with targets built at run time (Shape -> Gather -> Div ->
     Concat), which onnx's inference cannot follow, one block after another. Every block's
     shapes must be recovered (not only the first few), so only the classifier stays pinned."""
-    torch = pytest.importorskip("torch")
+    import torch
     from models.cnn import ShuffleUnit, _finish, _head, conv_bn
     from models.export import export_onnx
 
@@ -193,3 +192,48 @@ def test_paddle2onnx_det_patterns_hold_the_oracle():
     result = assert_oracle(model, target_flops=0.5, round_to=1)
     shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
     assert shapes["w1"][0] < 16 and shapes["wh"][1] == shapes["wo3"][0] + shapes["wo2"][0]
+
+
+def test_torchscript_window_partition_shapes_settle(tmp_path, monkeypatch):
+    """Swin-style window attention as the TorchScript exporter writes it: the pad to a multiple
+    of the window is computed at run time (Shape -> Mod -> Sub -> Concat -> Pad) and reshapes
+    keep an inferred batch symbol (unk__N) that onnx renames on every inference round. The pad
+    output gets its static shape, and refinement stops once only such names change."""
+    import torch
+    import torch.nn.functional as F
+    from models.export import export_onnx
+
+    import graphprune.graph as gpg
+
+    class Windows(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.ws = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16), 4
+
+        def forward(self, x):  # [B, C, H, W]
+            x = x.permute(0, 2, 3, 1)
+            for _ in range(3):
+                b, h, w, c = x.shape
+                x = F.pad(x, (0, 0, 0, (self.ws - w % self.ws) % self.ws, 0, (self.ws - h % self.ws) % self.ws))
+                _, hp, wp, _ = x.shape
+                t = x.view(b, hp // self.ws, self.ws, wp // self.ws, self.ws, c).permute(0, 1, 3, 2, 4, 5)
+                t = t.reshape(-1, self.ws * self.ws, c)
+                t = self.fc1(t)
+                n, m, k = t.shape  # n = b * windows: an inferred symbol the reshapes keep
+                t = self.fc2(torch.relu(t.reshape(n, m, 2, k // 2)).reshape(n, m, k))
+                x = x + t.view(b, hp // self.ws, wp // self.ws, self.ws, self.ws, c).permute(0, 1, 3, 2, 4, 5) \
+                    .reshape(b, hp, wp, c)
+            return x.mean(dim=(1, 2))
+
+    torch.manual_seed(0)
+    path = export_onnx(Windows().eval(), tmp_path / "win.onnx", dynamo=False, input_shape=(1, 16, 8, 8))
+    rounds = []
+    real = gpg.refine_shapes
+    monkeypatch.setattr(gpg, "refine_shapes", lambda *a, **k: rounds.append(1) or real(*a, **k))
+    model = gpg.Model.load(path)
+    pads = [n.outputs[0] for n in model.graph.nodes if n.op == "Pad"]
+    assert pads and all(gpg.tensor_shape(t)[1:] == (8, 8, 16) for t in pads), [gpg.tensor_shape(t) for t in pads]
+    assert len(rounds) <= 4, len(rounds)
+    monkeypatch.undo()
+    result = assert_oracle(path, target_flops=0.7, round_to=1)
+    assert result.report["macs_ratio"] <= 0.7
