@@ -205,10 +205,21 @@ class AllocatePass(Pass):
                 break
             if not skipped:
                 break
-            ctx.report.setdefault("warnings", []).append(
-                f"--round-to {round_to} blocks are too coarse to land within {TOLERANCE} of the target; "
-                "the result overshoots it (try --round-to 1)")
-            while unmet():  # pass 2: each time, the block that removes the least
+            # pass 2: a whole block overshoots everywhere. Land on the target with part of a
+            # block (the group's width then leaves the --round-to grid), else take whole blocks
+            while unmet():
+                part = self._partial_block(tracker, state, set(skipped), targets, orig, lo)
+                if part is not None:
+                    gid, j = part
+                    st = state[gid]
+                    tracker.apply({d: n * j for d, n in st["deltas"].items()})
+                    removed.setdefault(gid, []).extend(st["order"][st["taken"]:st["taken"] + j].tolist())
+                    st["taken"] += j
+                    kept = next(g.size for g in ctx.groups if g.id == gid) - st["taken"]
+                    ctx.report.setdefault("warnings", []).append(
+                        f"--round-to {round_to} blocks are too coarse to land within {TOLERANCE} of the target: "
+                        f"group {gid} keeps {kept} channels, off the multiple-of-{round_to} grid")
+                    break
                 best = None
                 for gid in set(skipped):
                     st = state[gid]
@@ -229,8 +240,33 @@ class AllocatePass(Pass):
                 k = _next_block(st)
                 removed.setdefault(gid, []).extend(st["order"][st["taken"]:st["taken"] + k].tolist())
                 st["taken"] += k
+                msg = (f"--round-to {round_to} blocks are too coarse to land within {TOLERANCE} of the target; "
+                       "the result overshoots it (try --round-to 1)")
+                if msg not in ctx.report.get("warnings", []):
+                    ctx.report.setdefault("warnings", []).append(msg)
             break
         return PrunePlan({gid: np.sort(np.array(ix, dtype=np.int64)) for gid, ix in removed.items()})
+
+    @staticmethod
+    def _partial_block(tracker, state, gids, targets, orig, lo):
+        """(group, j): the fewest channels of some group's next block that meet every target
+        and stay inside the band, lowest-scored first; None when no part of a block does."""
+        best = None
+        for gid in sorted(gids):
+            st = state[gid]
+            k = _next_block(st)
+            for j in range(1, k):
+                deltas = {d: n * j for d, n in st["deltas"].items()}
+                totals = tracker.apply(deltas)
+                tracker.undo(deltas)
+                if any(totals[m] > targets[m] * orig[m] for m in targets):
+                    continue
+                if all(totals[m] >= lo[m] * orig[m] for m in targets):
+                    score = float(np.mean(st["norm"][st["order"][st["taken"]:st["taken"] + j]]))
+                    if best is None or score < best[0]:
+                        best = (score, gid, j)
+                break
+        return None if best is None else (best[1], best[2])
 
     @staticmethod
     def _push(heap, gid, st):
