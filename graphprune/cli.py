@@ -246,7 +246,9 @@ def _run_prune(args) -> int:
         if "oracle" in r:
             o = r["oracle"]
             worst = max(v["max_rel"] for k, v in o.items() if k.startswith("batch"))
-            print(f"oracle  mask equivalence {'holds' if o['equivalent'] else 'FAILS'} (max rel err {worst:.2e})")
+            noise = [v["noise_floor"] for k, v in o.items() if k.startswith("batch") and "noise_floor" in v]
+            floor = f"; float32 noise floor of the original {max(noise):.2e}" if noise else ""
+            print(f"oracle  mask equivalence {'holds' if o['equivalent'] else 'FAILS'} (max rel err {worst:.2e}{floor})")
         if "fidelity" in r:
             print(_fidelity_line(r["fidelity"]))
         if "compensation" in r:

@@ -19,18 +19,20 @@ def require_onnxruntime():
     return ort
 
 
-def session(model: onnx.ModelProto | str, threads: int = 0):
+def session(model: onnx.ModelProto | str, threads: int = 0, optimize: bool = True):
     ort = require_onnxruntime()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
     data = model if isinstance(model, str) else model.SerializeToString()
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
-def run_model(model: onnx.ModelProto | str, feeds: dict) -> list[np.ndarray]:
-    sess = session(model)
+def run_model(model: onnx.ModelProto | str, feeds: dict, optimize: bool = True) -> list[np.ndarray]:
+    sess = session(model, optimize=optimize)
     return sess.run(None, feeds)
 
 

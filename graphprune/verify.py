@@ -9,6 +9,8 @@ from .dependency import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, DependencyGraph, Dim
 from .graph import Model
 from .runtime import run_model, synthetic_inputs
 
+NOISE_FACTOR = 4.0  # an oracle error within this factor of float32 reordering noise passes
+
 __all__ = ["masked_model", "check_mask_equivalence", "compare_outputs"]
 
 
@@ -139,7 +141,15 @@ def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: Depende
     for b in batches:
         feeds = synthetic_inputs(masked, batch=b, seed=seed + b)
         cmp = compare_sliced(masked, pruned, feeds, slices)
+        if cmp["max_rel"] > rtol and np.isfinite(cmp["max_rel"]):
+            # some graphs are ill-conditioned in float32 (saturated sigmoids, deep nets with large
+            # activations): measure the masked original against itself with onnxruntime's graph
+            # optimisations off (a different float summation order) and accept errors within
+            # NOISE_FACTOR of that floor, saying so
+            noise = compare_outputs(run_model(masked, feeds), run_model(masked, feeds, optimize=False))["max_rel"]
+            cmp["noise_floor"] = noise
+            cmp["within_noise"] = bool(cmp["max_rel"] <= NOISE_FACTOR * noise)
         results[f"batch{b}"] = cmp
-        ok = ok and cmp["max_rel"] <= rtol
+        ok = ok and (cmp["max_rel"] <= rtol or cmp.get("within_noise", False))
     results["equivalent"] = ok
     return results
