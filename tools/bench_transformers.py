@@ -53,7 +53,18 @@ def _export(name: str, exporter: str, outdir: str) -> str:
 
 
 def _short_reason(reason: str) -> str:
-    return re.sub(r"\s+", " ", reason.split(" (")[0]).strip()
+    """'LayerNormalization /l0/ln: normalized axis: ...' -> 'LayerNormalization: normalized axis: ...'
+    (node and tensor names dropped, so one reason per op kind)."""
+    reason = re.sub(r"\s+", " ", reason.split(" (")[0]).strip()
+    reason = re.sub(r"^([A-Za-z]+) \S+: ", r"\1: ", reason)
+    return re.sub(r" of \S+ is not", " is not", reason)
+
+
+def _pinned(res: dict) -> dict:
+    out: Counter = Counter()
+    for reason, n in res.get("pinned", {}).items():
+        out[_short_reason(reason)] += n
+    return dict(out.most_common())
 
 
 def worker(name: str, exporter: str, targets: list[float]) -> dict:
@@ -133,7 +144,7 @@ def markdown(results: list[dict], command: str, seconds: float) -> str:
              "| model | exporter | target | MACs | heads | MLP/other ch | oracle | prune s | pinned |",
              "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
-        pinned = "; ".join(f"{n} ch: {r}" for r, n in res.get("pinned", {}).items()) or "—"
+        pinned = "; ".join(f"{n} ch: {r}" for r, n in _pinned(res).items()) or "—"
         if res.get("error"):
             lines.append(f"| {res['model']} | {res['exporter']} | | | | | | | **failed**: {res['error']} |")
             continue
