@@ -43,7 +43,7 @@ def macs_of(model) -> float:
 HELDOUT_PHOTOS = ("chelsea", "rocket", "immunohistochemistry", "coins", "clock", "grass", "text", "flower",
                   "grace_hopper")
 LITE0_EVAL_CROPS = 256
-LITE0_CALIB_CROPS = 128
+LITE0_CALIB_CROPS = 64
 
 
 def photo_pool() -> dict[str, np.ndarray]:
@@ -151,11 +151,22 @@ def score(setup: dict, proto) -> dict:
 FLAGS = {"cv": {"compensate_select": "cv"}, "residual": {"compensate_residual": True}}
 
 
+def _flag_label(flags) -> str:
+    named = [f for f in flags if not f.startswith("calib=")]
+    crops = [f.split("=", 1)[1] for f in flags if f.startswith("calib=")]
+    text = ", ".join(named) + (f"; {crops[0]} calibration crops" if crops else "")
+    return f" ({text})" if text else ""
+
+
 def run_graphprune(setup, target, criterion, comp, flags=()) -> dict:
     t0 = time.perf_counter()
-    opts = {k: v for f in flags for k, v in FLAGS[f].items()}
+    opts = {k: v for f in flags if f in FLAGS for k, v in FLAGS[f].items()}
+    calib = setup["calib"]
+    for f in flags:
+        if f.startswith("calib=") and setup["name"] == "lite0":   # more calibration crops, same held-out crops
+            calib = lite0_data(int(f.split("=", 1)[1]))
     r = graphprune.prune(setup["path"], target_flops=target, criterion=criterion, compensate=comp,
-                         calib=setup["calib"], fidelity=False, round_to=8, **opts)
+                         calib=calib, fidelity=False, round_to=8, **opts)
     secs = time.perf_counter() - t0
     res = score(setup, r.model)
     res.update({"macs_ratio": macs_of(r.model) / setup["macs"], "seconds": secs})
@@ -286,7 +297,8 @@ def run_onnxsim(setup, target, method: str) -> dict:
 
 def write_markdown(results: dict, path: Path) -> None:
     lines = [START, "## Accuracy without fine-tuning (issue 5)", "",
-             "`python tools/bench_accuracy.py --out bench_out` on CPU (onnxruntime). No fine-tuning anywhere. "
+             f"`{results.get('command', 'python tools/bench_accuracy.py --out bench_out')}` on CPU "
+             "(onnxruntime). No fine-tuning anywhere. "
              f"EfficientNet-Lite0: top-1 / top-5 agreement with the unpruned model (top-5: the original's class "
              f"among the pruned model's five highest) on {LITE0_EVAL_CROPS} random crops (25-100% of the shorter "
              f"side, random flips) of {len(HELDOUT_PHOTOS)} held-out photos ({', '.join(HELDOUT_PHOTOS)}) that are "
@@ -348,9 +360,11 @@ def main(argv=None) -> int:
     p.add_argument("--criteria", nargs="+", default=CRITERIA)
     p.add_argument("--compensate", nargs="+", default=["none", "obs"])
     p.add_argument("--peers", nargs="*", default=["torch-pruning", "onnxsim-magnitude", "onnxsim-wanda"])
-    p.add_argument("--extra", nargs="*", default=["flap+bias", "obs+obs:cv,residual"],
+    p.add_argument("--extra", nargs="*", default=["flap+bias", "obs+obs:cv,residual",
+                                                  "obs+obs:cv,residual,calib=256"],
                    help="criterion+compensate pairs, optionally :flag,flag (flags: cv = --compensate-select cv, "
-                        "residual = --compensate-residual)")
+                        "residual = --compensate-residual, calib=N = N calibration crops for Lite0 instead of "
+                        f"{LITE0_CALIB_CROPS})")
     p.add_argument("--write-md", metavar="BENCHMARKS.md")
     p.add_argument("--only-md", action="store_true")
     args = p.parse_args(argv)
@@ -363,6 +377,7 @@ def main(argv=None) -> int:
         store.write_text(json.dumps(results, indent=1))
 
     if not args.only_md:
+        results["command"] = "python tools/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
         for model in args.models:
             setup = load_setup(model, out, LITE0_CALIB_CROPS if model == "lite0" else 96)
             rows = results.setdefault(model, {})
@@ -372,7 +387,7 @@ def main(argv=None) -> int:
                 runs.append((*ck.split("+"), tuple(f for f in fl.split(",") if f)))
             runs.sort(key=lambda r: not (r[:2] == ("obs", "obs") and r[2]))   # the headline setting first
             for target in args.targets:
-                jobs = [(f"graphprune {c}" + ("" if k == "none" else f" + {k}") + (f" ({', '.join(f)})" if f else ""),
+                jobs = [(f"graphprune {c}" + ("" if k == "none" else f" + {k}") + _flag_label(f),
                          lambda c=c, k=k, f=f: run_graphprune(setup, target, c, k, f)) for c, k, f in runs]
                 for peer in args.peers[::-1]:
                     if peer == "torch-pruning":
