@@ -114,7 +114,8 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
     calibrate, up to `calib_heldout` following ones measure fidelity. Data-aware criteria
     (wanda, flap, obs) read activation statistics from it; `compensate` ("bias" or "obs")
     re-fits the consumers of removed channels (`compensate_damp`: fixed dampening instead
-    of cross-validated). `fidelity` (default: on with `calib` or `compensate`) reports
+    of cross-validated; `compensate_select="cv"`: chosen by 2-fold cross-validation over
+    calibration batches instead of GCV over rows). `fidelity` (default: on with `calib` or `compensate`) reports
     relative error, cosine and top-1 agreement against the original on held-out samples,
     before and after compensation. `stats_memory` bounds the bytes of Hessians held at once.
 
@@ -147,6 +148,8 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
 
     if compensate not in COMPENSATE_MODES:
         raise BadInputError(f"unknown compensate mode {compensate!r} (choose from {', '.join(COMPENSATE_MODES)})")
+    if options.get("compensate_select", "gcv") not in ("gcv", "cv"):
+        raise BadInputError(f"compensate_select must be gcv or cv, got {options['compensate_select']!r}")
     if compensate_damp is not None and not float(compensate_damp) >= 0:
         raise BadInputError(f"compensate_damp must be >= 0, got {compensate_damp}")
     if fidelity is None:

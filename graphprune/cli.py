@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compensate", default="none", choices=COMPENSATE_MODES,
                    help="re-fit consumers of removed channels on calibration data: bias (FLAP: bias only) or "
                         "obs (least-squares weights and bias, layer by layer); default: none")
+    g.add_argument("--compensate-select", default="gcv", choices=("gcv", "cv"),
+                   help="how --compensate obs chooses each layer's dampening: gcv (generalised cross-validation "
+                        "over rows, default) or cv (2-fold cross-validation over calibration batches; also may "
+                        "keep the weights and re-fit the bias only; safer when rows of one sample are correlated)")
+    g.add_argument("--compensate-residual", action="store_true",
+                   help="--compensate obs: a layer whose output goes straight into a residual Add is fitted so the "
+                        "sum matches the original (it also absorbs the error the skip path brings)")
     g.add_argument("--fidelity", action="store_true",
                    help="report output fidelity on held-out samples (on by default with --calib/--compensate)")
     p.add_argument("--verify", action="store_true",
@@ -198,6 +205,7 @@ def _run_prune(args) -> int:
                   uniform=args.uniform, seed=args.seed, verify=args.verify, progress=progress,
                   gqa_uniform=args.gqa_uniform, calib=args.calib, calib_samples=args.calib_samples,
                   calib_preprocess=args.calib_preprocess, compensate=args.compensate,
+                  compensate_select=args.compensate_select, compensate_residual=args.compensate_residual,
                   fidelity=True if args.fidelity else None, policy=_policy(args))
     if args.target_latency is not None:
         from .bench import bench_kwargs

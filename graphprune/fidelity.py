@@ -2,7 +2,9 @@
 
 Per output: relative error ‖y − ŷ‖ / ‖y‖ over all held-out samples, the mean per-sample
 cosine similarity, and for classifier-like outputs ([batch, classes], classes > 1) the
-top-1 agreement with the original. The original's outputs are computed once per run.
+top-1 agreement with the original (and, with 5 classes or more, top-5 agreement: the
+original's top-1 class is among the candidate's five highest). The original's outputs
+are computed once per run.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def measure_fidelity(reference: "onnx.ModelProto | dict", candidate: onnx.ModelP
         if name not in got:
             continue
         num = den = 0.0
-        cos, agree, total = [], 0, 0
+        cos, agree, agree5, total = [], 0, 0, 0
         classifier = True
         for y, yh in zip(ys, got[name]):
             y, yh = np.asarray(y, np.float64), np.asarray(yh, np.float64)
@@ -54,12 +56,17 @@ def measure_fidelity(reference: "onnx.ModelProto | dict", candidate: onnx.ModelP
             classifier = classifier and y.ndim == 2 and y.shape[1] > 1
             if classifier:
                 agree += int((y.argmax(1) == yh.argmax(1)).sum())
+                if y.shape[1] >= 5:
+                    top5 = np.argpartition(-yh, 4, axis=1)[:, :5]
+                    agree5 += int((top5 == y.argmax(1)[:, None]).any(1).sum())
                 total += y.shape[0]
         else:
             m = {"rel_err": float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num)),
                  "cosine": float(np.mean(cos)) if cos else 1.0, "samples": len(cos)}
             if classifier and total:
                 m["top1_agreement"] = agree / total
+                if ys[0].shape[1] >= 5:
+                    m["top5_agreement"] = agree5 / total
             per_output[name] = m
     return {"outputs": per_output, **summarize(per_output)}
 
@@ -73,6 +80,9 @@ def summarize(per_output: dict) -> dict:
     top = [m["top1_agreement"] for m in ok if "top1_agreement" in m]
     if top:
         out["top1_agreement"] = min(top)
+    top5 = [m["top5_agreement"] for m in ok if "top5_agreement" in m]
+    if top5:
+        out["top5_agreement"] = min(top5)
     return out
 
 

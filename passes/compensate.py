@@ -20,7 +20,11 @@ features (K x K), their cross product with the target (K x O) and sums.
   term λ‖W_K' − W_K‖²), so the fit can never raise the calibration error of the layer;
   λ is chosen (or fixed with
   ``compensate_damp``) by generalised cross-validation, so an exactly representable
-  removal is reconstructed exactly and a noisy fit is held back.
+  removal is reconstructed exactly and a noisy fit is held back. GCV counts every row
+  (a conv output position, a token) as an independent observation; with
+  ``compensate_select="cv"`` λ is chosen instead by 2-fold cross-validation over calibration
+  *batches* (fit on one half of the samples, score on the other), which also lets a layer
+  keep its weights and re-fit only the bias when no weight update generalises.
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ __all__ = ["CompensatePass", "COMPENSATE_MODES", "LayerFit", "fit_layer", "DAMP_
 
 COMPENSATE_MODES = ("none", "bias", "obs")
 DAMP_GRID = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+CV_GRID = DAMP_GRID + (3.0, 10.0, 30.0, 100.0)
+DAMP_SELECT = ("gcv", "cv")
 
 
 @dataclass
@@ -137,7 +143,47 @@ class _Ridge:
         return np.vstack([wk, delta[None, :]])
 
 
-def fit_layer(fit: LayerFit, w_kept: np.ndarray, mode: str, damp: float | None = None) -> dict:
+def _scale(A, n) -> float:
+    """Mean feature energy per row: λ = damp · scale · rows makes `damp` relative to the data."""
+    sc = float(np.mean(np.diag(A))) / max(n, 1) if A is not None and A.size else 0.0
+    return sc if sc > 0 else 1.0
+
+
+def _cv_damp(fit: LayerFit, theta0: np.ndarray, w_kept: np.ndarray) -> float | None:
+    """λ (as a fraction of the mean feature energy) by 2-fold cross-validation over batches.
+
+    Each fold is fitted on its own statistics for every λ in :data:`CV_GRID` and scored on
+    the other fold's; ``inf`` (keep the weights, re-fit the bias) competes too. Unlike GCV,
+    which treats every row as independent, the folds split whole batches, so the rows of
+    one sample (a conv's output positions, a sequence's tokens) are never on both sides:
+    the choice measures how the fit generalises to new samples. None when a fold is empty.
+    """
+    if min(fit.n) == 0:
+        return None
+    errs = np.zeros(len(CV_GRID) + 1)
+    for f in (0, 1):
+        g = 1 - f
+        Av, Bv = _aug(fit.A[g], fit.B[g], fit.s[g], fit.t[g], fit.n[g])
+        ridge = _Ridge(fit.A[f], fit.B[f], fit.s[f], fit.t[f], fit.n[f], theta0)
+        lam0 = _scale(fit.A[f], fit.n[f]) * fit.n[f]
+        for i, r in enumerate(CV_GRID):
+            errs[i] += _error(ridge.solve(max(r, 1e-10) * lam0), Av, Bv, fit.tt[g])
+        delta = (fit.t[f] - w_kept @ fit.s[f]) / fit.n[f]
+        errs[-1] += _error(np.vstack([w_kept.T, delta[None, :]]), Av, Bv, fit.tt[g])
+    i = int(np.argmin(errs))
+    return np.inf if i == len(CV_GRID) else float(CV_GRID[i])
+
+
+def _bias_only(A, B, s, t, tt, n, w_kept, theta0, damp) -> dict:
+    delta = (t - w_kept @ s) / n
+    Aa, Ba = _aug(A, B, s, t, n)
+    theta = np.vstack([w_kept.T, delta[None, :]])
+    return {"weight": w_kept, "delta": delta, "damp": damp, "error_before": max(_error(theta0, Aa, Ba, tt), 0.0),
+            "error_after": max(_error(theta, Aa, Ba, tt), 0.0), "target_energy": tt}
+
+
+def fit_layer(fit: LayerFit, w_kept: np.ndarray, mode: str, damp: float | None = None,
+              select: str = "gcv") -> dict:
     """New kept weights [O, K] and bias shift [O] for one layer, with the errors before/after.
 
     `w_kept` is the uncompensated pruned weight matrix [O, K]. The result never has a larger
@@ -157,10 +203,13 @@ def fit_layer(fit: LayerFit, w_kept: np.ndarray, mode: str, damp: float | None =
         return {"weight": w_kept, "delta": delta, "damp": None, "error_drop": n * float(delta @ delta),
                 "target_energy": tt}
     Aa, Ba = _aug(A, B, s, t, n)
-    scale = float(np.mean(np.diag(A))) / n if A.size else 0.0
-    scale = scale if scale > 0 else 1.0
+    scale = _scale(A, n)
     tiny = 1e-10
     ridge = _Ridge(A, B, s, t, n, theta0)
+    if damp is None and select == "cv":
+        damp = _cv_damp(fit, theta0, w_kept)
+        if damp == np.inf:   # held-out rows say: keep the weights, re-fit the bias only
+            return _bias_only(A, B, s, t, tt, n, w_kept, theta0, "bias only (cv)")
     if damp is None:  # generalised cross-validation (one eigendecomposition for every λ)
         best = None
         for r in DAMP_GRID:
@@ -266,6 +315,46 @@ def _ancestors(graph: gs.Graph, consumers: list[str]) -> dict[str, int]:
     return out
 
 
+def _residual_partner(graph: gs.Graph, view: ContractionView, kept: dict):
+    """(name, channel axis, kept original channels or None) of the other addend when the
+    consumer's output goes straight into a two-input Add with an activation (a residual sum).
+
+    Re-fitting the consumer toward ``y_orig + s_orig − s_pruned`` makes the *sum* match the
+    original: the layer also absorbs the error that the skip path brings from upstream. The
+    other addend must lie upstream of the consumer (it is final when the consumer is fitted).
+    """
+    nodes = {n.name: n for n in graph.nodes}
+    node = nodes.get(view.node)
+    if node is None or not node.outputs:
+        return None
+    y = node.outputs[0]
+    users = list(y.outputs)
+    if len(users) != 1 or users[0].op != "Add" or len(users[0].inputs) != 2:
+        return None
+    other = [t for t in users[0].inputs if t is not y]
+    if len(other) != 1 or isinstance(other[0], gs.Constant) or other[0].name in {o.name for o in graph.outputs}:
+        return None
+    s = other[0]
+    ys, ss = tensor_shape(y), tensor_shape(s)
+    if ys is None or ss is None or len(ys) != len(ss) or len(ys) < 2:
+        return None
+    # the other addend must be upstream of the consumer's input (so every layer that changes
+    # it was fitted in an earlier wave; a parallel branch would correct the same error twice)
+    seen, stack = set(), [t for t in node.inputs if not isinstance(t, gs.Constant)]
+    while stack:
+        t = stack.pop()
+        if t.name == s.name:
+            break
+        for prod in t.inputs:
+            if id(prod) not in seen:
+                seen.add(id(prod))
+                stack.extend(prod.inputs)
+    else:
+        return None
+    axis = 1 if view.kind == "conv" else len(ss) - 1
+    return s.name, axis, kept.get((s.name, axis))
+
+
 class CompensatePass(Pass):
     """`compensate` option: none | bias | obs (see the module docstring)."""
 
@@ -299,6 +388,8 @@ class CompensatePass(Pass):
         pr_views = find_views(ctx.model, keys)
         ref_tensors, pr_tensors = ref.graph.tensors(), ctx.model.graph.tensors()
         jobs = []
+        sequential = bool(ctx.option("compensate_sequential", True))
+        residual = bool(ctx.option("compensate_residual", False))
         for key in keys:
             rv, pv = ref_views.get(key), pr_views.get(key)
             why = None
@@ -321,12 +412,13 @@ class CompensatePass(Pass):
                          "w_ref32": np.ascontiguousarray(rv.weight_matrix(w_ref.astype(np.float64)), np.float32),
                          "w_pr": pv.weight_matrix(w_pr.astype(np.float64)), "dtype": w_pr.dtype,
                          "kept_features": rv.element_features(keep_el)})
+            if residual and sequential:
+                jobs[-1]["skip"] = _residual_partner(ctx.model.graph, pv, kept)
         order = {n.name: i for i, n in enumerate(ctx.model.graph.nodes)}
         jobs.sort(key=lambda j: order.get(j["pr"].node, 0))
         anc = _ancestors(ctx.model.graph, [j["pr"].node for j in jobs])
         bit = {j["pr"].node: 1 << i for i, j in enumerate(jobs)}
         budget = int(ctx.option("stats_memory", 1 << 30) or (1 << 30))
-        sequential = bool(ctx.option("compensate_sequential", True))
         waves, cur, cur_mask, cur_bytes = [], [], 0, 0
         for j in jobs:
             k, o = j["w_pr"].shape[1], j["w_pr"].shape[0]
@@ -364,7 +456,8 @@ class CompensatePass(Pass):
                                                                  "waves": len(waves)})
 
     def _run_wave(self, ctx, wave, nxt, ref_proto, ref_index, runners, mode, damp, report, sequential) -> int:
-        names = sorted({j["ref"].x for j in wave})
+        select = ctx.option("compensate_select", "gcv") or "gcv"
+        names = sorted({j["ref"].x for j in wave} | {j["skip"][0] for j in wave if j.get("skip")})
         fits = {}
         for j in wave:
             fits[j["key"]] = LayerFit(j["w_pr"].shape[1], j["w_pr"].shape[0], mode == "obs")
@@ -385,6 +478,16 @@ class CompensatePass(Pass):
                 if xr.shape[0] != xp.shape[0]:
                     raise AssertionError(f"{j['key'][0]}: {xr.shape[0]} rows in the original, {xp.shape[0]} pruned")
                 target = np.asarray(xr, np.float32) @ j["w_ref32"].T
+                if j.get("skip"):   # also undo the error the other addend carries
+                    name, axis, keep = j["skip"]
+                    sr, sp = rv[name], pv[name]
+                    if keep is not None:
+                        sr = np.take(sr, keep, axis=axis)
+                    if sr.shape == sp.shape and sp.ndim and sp.shape[axis] == target.shape[1]:
+                        diff = np.moveaxis(sr, axis, -1).reshape(-1, target.shape[1]) \
+                            - np.moveaxis(sp, axis, -1).reshape(-1, target.shape[1])
+                        if diff.shape[0] == target.shape[0]:
+                            target = target + diff.astype(np.float32)
                 fits[j["key"]].add(fold, xp, target)
         held = sum(f.nbytes for f in fits.values())
         graph = ctx.model.graph
@@ -392,7 +495,7 @@ class CompensatePass(Pass):
         tensors = graph.tensors()
         for j in wave:
             fit = fits.pop(j["key"])
-            res = fit_layer(fit, j["w_pr"], mode, damp)
+            res = fit_layer(fit, j["w_pr"], mode, damp, select)
             w_t = tensors[j["key"][0]]
             if mode == "obs":
                 w_t.values = j["pr"].from_weight_matrix(res["weight"], np.asarray(w_t.values))
@@ -401,6 +504,8 @@ class CompensatePass(Pass):
             entry = {"node": j["pr"].node, "weight": j["key"][0], "kept_inputs": int(j["w_pr"].shape[1]),
                      "removed_inputs": int(j["w_ref"].shape[1] - j["w_pr"].shape[1]), "bias": where,
                      "damp": res["damp"]}
+            if j.get("skip"):
+                entry["residual"] = j["skip"][0]
             energy = res["target_energy"]
             if "error_before" in res and energy > 0:
                 entry["rel_err_before"] = float(np.sqrt(res["error_before"] / energy))

@@ -122,3 +122,109 @@ def test_bad_mode_rejected():
     with pytest.raises(graphprune.BadInputError):
         graphprune.prune(mlp(np.ones((2, 4), np.float32), np.ones((4, 2), np.float32)), target_flops=0.5,
                          compensate="magic")
+
+
+def _fold_fit(rng, make_rows, k, o, batches=8):
+    fit = LayerFit(k, o, True)
+    for b in range(batches):
+        xk, t = make_rows(rng)
+        fit.add(b % 2, xk, t)
+    return fit
+
+
+def test_cv_keeps_an_exact_reconstruction():
+    """A removed feature that is a linear combination of kept ones: CV chooses (almost) no
+    dampening and the fit is exact, as with GCV."""
+    rng = np.random.default_rng(6)
+    k, o = 6, 3
+    w = rng.standard_normal((o, k + 1))
+
+    def rows(r):
+        x = r.standard_normal((40, k))
+        removed = x[:, 0] - 0.5 * x[:, 2]
+        return x, np.c_[x, removed] @ w.T
+
+    fit = _fold_fit(rng, rows, k, o)
+    res = fit_layer(fit, w[:, :k], "obs", select="cv")
+    assert res["damp"] <= 1e-3
+    assert res["error_after"] <= 1e-8 * res["target_energy"]
+
+
+def test_cv_refuses_a_fit_that_does_not_generalise():
+    """Per sample, the removed feature equals a sample-specific mix of the kept ones: every
+    fold fits its own samples perfectly but the mix learnt on one fold is wrong on the other.
+    GCV, which treats the rows as independent, trusts the fit; cross-validation over batches
+    sees it fail on held-out samples and keeps the weights (bias re-fit only)."""
+    rng = np.random.default_rng(7)
+    k, o = 4, 2
+    w = rng.standard_normal((o, k + 1))
+
+    def rows(r):
+        x = r.standard_normal((200, k))
+        mix = 3.0 * r.standard_normal(k)             # one mix per batch (a "sample")
+        return x, np.c_[x, x @ mix] @ w.T
+
+    fit = _fold_fit(rng, rows, k, o, batches=16)      # one sample per batch, eight per fold
+    gcv = fit_layer(fit, w[:, :k], "obs", select="gcv")
+    cv = fit_layer(fit, w[:, :k], "obs", select="cv")
+    assert gcv["damp"] <= 0.1                                  # rows look plentiful to GCV
+    assert cv["damp"] == "bias only (cv)" or cv["damp"] >= 100 * max(gcv["damp"], 1e-4)
+    assert np.abs(cv["weight"] - w[:, :k]).max() < 0.8 * np.abs(gcv["weight"] - w[:, :k]).max()
+    # on a fresh sample the cross-validated choice is the better one
+    fresh = _fold_fit(rng, rows, k, o, batches=16)
+    A, B, s, t, tt, n = fresh.total()
+    from graphprune.passes.compensate import _aug, _error
+
+    Aa, Ba = _aug(A, B, s, t, n)
+
+    def err(res):
+        return _error(np.vstack([res["weight"].T, res["delta"][None, :]]), Aa, Ba, tt)
+
+    assert err(cv) < err(gcv)
+
+
+def _residual_model(rng):
+    """y = d + b: b = relu(x wa) wb is the skip; d = relu(x wg + b wz) wd adds to it. Channel 0
+    of the second hidden layer equals hidden channel 7 of the first (wg[:, 0] = wa[:, 7])."""
+    from onnx import helper
+
+    from tests._accuracy_models import _model
+
+    ws = {"wa": rng.standard_normal((4, 8)), "wb": rng.standard_normal((8, 4)), "wg": rng.standard_normal((4, 6)),
+          "wd": rng.standard_normal((6, 4)), "wz": 0.3 * rng.standard_normal((4, 6))}
+    ws["wg"][:, 0] = ws["wa"][:, 7]
+    ws["wz"][:, 0] = 0.0
+    ws["wd"][5] *= 0.05
+    def mm(i, w, o):
+        return helper.make_node("MatMul", [i, w], [o], name=f"fc{w[1]}")
+
+    nodes = [mm("x", "wa", "a0"), helper.make_node("Relu", ["a0"], ["a"], name="ra"), mm("a", "wb", "b"),
+             mm("x", "wg", "g1"), mm("b", "wz", "g2"), helper.make_node("Add", ["g1", "g2"], ["g0"], name="gsum"),
+             helper.make_node("Relu", ["g0"], ["g"], name="rg"), mm("g", "wd", "d"),
+             helper.make_node("Add", ["d", "b"], ["y"], name="res")]
+    return _model(nodes, ws, ["N", 4], ["N", 4])
+
+
+def test_residual_compensation_absorbs_the_skip_error():
+    """fcd feeds the residual Add whose other addend b carries the error of removing hidden
+    channel 7 (fcb cannot fully re-create it). With compensate_residual, fcd is fitted to
+    d + (b_orig − b_pruned), so the *sum* y is reconstructed: the exact least-squares fit
+    (damp 0) gives a lower calibration error on y than fitting d alone; fcb, whose partner d
+    is not upstream of it, is fitted as before."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(8)
+    model = _residual_model(rng)
+    x = rng.standard_normal((96, 4)).astype(np.float32)
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x[:64]})[0]
+    errs, layers = {}, {}
+    for residual in (False, True):
+        r = graphprune.prune(model, target_flops=0.86, criterion="test-last-lowest", round_to=1, calib=x,
+                             calib_samples=64, compensate="obs", compensate_damp=0.0, compensate_residual=residual)
+        assert [g["removed"] for g in r.report["groups"] if g["removed"]] == [[7], [5]]
+        y = ort.InferenceSession(r.model.SerializeToString()).run(None, {"x": x[:64]})[0]
+        errs[residual] = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        layers[residual] = {entry["node"]: entry for entry in r.report["compensation"]["layers"]}
+    assert errs[True] < 0.9 * errs[False]
+    assert layers[True]["fcb"]["rel_err_after"] == pytest.approx(layers[False]["fcb"]["rel_err_after"])
+    assert layers[True]["fcd"].get("residual") == "b" and "residual" not in layers[True]["fcb"]

@@ -71,3 +71,26 @@ def test_cli_calib_compensate_and_report(tmp_path, capsys):
     rc = main([str(path), "--target-flops", "0.6", "--calib-preprocess", "size=4"])
     assert rc == 2
     assert "--calib-preprocess needs --calib" in capsys.readouterr().err
+
+
+def test_top5_agreement_counts_the_original_class_among_five():
+    """Hand-made logits: the candidate ranks the original's class 1st, 3rd, 6th and 2nd."""
+    from graphprune.fidelity import measure_fidelity
+
+    ref = np.zeros((4, 8))
+    ref[np.arange(4), [0, 1, 2, 3]] = 10.0                   # original top-1: classes 0, 1, 2, 3
+    cand = np.tile(np.arange(8, dtype=np.float64)[::-1], (4, 1))   # class 0 highest, 7 lowest
+    cand[1] = [7, 5, 6, 3, 4, 0, 1, 2]                         # class 1 third
+    cand[2] = [7, 6, 0, 5, 4, 3, 2, 1]                         # class 2 lowest of 8 -> not in top-5
+    cand[3] = [0, 1, 2, 6, 7, 3, 4, 5]                         # class 3 second
+    m = measure_fidelity({"y": [ref]}, _const_model(cand), [{}])
+    assert m["top1_agreement"] == 0.25 and m["top5_agreement"] == 0.75
+
+
+def _const_model(values):
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = numpy_helper.from_array(values.astype(np.float32), "c")
+    node = helper.make_node("Identity", ["c"], ["y"])
+    g = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, values.shape)], [c])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])

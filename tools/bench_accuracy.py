@@ -39,6 +39,84 @@ def macs_of(model) -> float:
 # --------------------------------------------------------------------------- data
 
 
+# Held-out photos (evaluation only, never calibration); every other photo of the pool calibrates.
+HELDOUT_PHOTOS = ("chelsea", "rocket", "immunohistochemistry", "coins", "clock", "grass", "text", "flower",
+                  "grace_hopper")
+LITE0_EVAL_CROPS = 256
+LITE0_CALIB_CROPS = 64
+
+
+def photo_pool() -> dict[str, np.ndarray]:
+    """Every photo that ships inside the installed packages (no download), RGB uint8.
+
+    scikit-image: astronaut, chelsea, coffee, rocket, motorcycle_left/right (a stereo pair, one
+    scene), hubble_deep_field, immunohistochemistry, retina, and the grayscale camera, coins,
+    moon, clock, brick, grass, gravel, cell, page, text (as RGB); scikit-learn: china, flower;
+    matplotlib: grace_hopper. (skimage's ``cat`` is ``chelsea`` again, so it is left out.)
+    """
+    import os
+
+    import skimage.data as d
+    import skimage.io
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    out = {}
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right",
+                 "hubble_deep_field", "immunohistochemistry", "retina", "camera", "coins", "moon", "clock",
+                 "brick", "grass", "gravel", "cell", "page", "text"):
+        if name.startswith("motorcycle"):   # shipped, but only reachable through stereo_motorcycle()
+            a = skimage.io.imread(os.path.join(os.path.dirname(d.__file__), name + ".png"))
+        else:
+            a = np.asarray(getattr(d, name)())
+        if a.ndim == 2:
+            a = np.stack([a] * 3, axis=-1)
+        if a.dtype != np.uint8:
+            a = (255 * (a.astype(np.float64) / max(float(a.max()), 1e-9))).astype(np.uint8)
+        out[name] = np.ascontiguousarray(a[..., :3])
+    for name, img in zip(("china", "flower"), load_sample_images().images):
+        out[name] = np.asarray(img)[..., :3]
+    import matplotlib.cbook as cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        out["grace_hopper"] = np.asarray(Image.open(f).convert("RGB"))
+    return out
+
+
+def photo_crops(names, n: int, seed: int, size: int = 224) -> np.ndarray:
+    """`n` crops cycling over the photos `names`: random side 25-100% of the shorter side,
+    random position, random horizontal flip, resized to `size`; ImageNet-normalised NCHW."""
+    from PIL import Image
+
+    from models import pretrained as P
+
+    pool = photo_pool()
+    rng = np.random.default_rng(seed)
+    mean, std = np.asarray(P.IMAGENET_MEAN, np.float32), np.asarray(P.IMAGENET_STD, np.float32)
+    out = np.empty((n, 3, size, size), np.float32)
+    for i in range(n):
+        img = pool[names[i % len(names)]]
+        h, w = img.shape[:2]
+        side = max(int(min(h, w) * rng.uniform(0.25, 1.0)), 16)
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(img[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
+        a = np.asarray(crop, np.float32) / 255.0
+        if rng.random() < 0.5:
+            a = a[:, ::-1]
+        out[i] = ((a - mean) / std).transpose(2, 0, 1)
+    return out
+
+
+def lite0_data(samples: int = LITE0_CALIB_CROPS, heldout: int = LITE0_EVAL_CROPS) -> CalibrationData:
+    names = sorted(photo_pool())
+    cal_names = [n for n in names if n not in HELDOUT_PHOTOS]
+    cal = photo_crops(cal_names, samples, seed=0)
+    held = photo_crops(list(HELDOUT_PHOTOS), heldout, seed=1000)
+    return CalibrationData([{"input": cal[i:i + 8]} for i in range(0, len(cal), 8)],
+                           [{"input": held[i:i + 8]} for i in range(0, len(held), 8)],
+                           source=f"{samples} crops of {len(cal_names)} photos")
+
+
 def load_setup(name: str, out: Path, samples: int) -> dict:
     from models import pretrained as P
 
@@ -46,11 +124,7 @@ def load_setup(name: str, out: Path, samples: int) -> dict:
         path = out / "efficientnet_lite0.onnx"
         if not path.exists():
             P.export_efficientnet_lite0(path)
-        cal = P.photo_crops(samples, split="calib")
-        held = P.photo_crops(64, split="heldout")
-        calib = CalibrationData([{"input": cal[i:i + 8]} for i in range(0, len(cal), 8)],
-                                [{"input": held[i:i + 8]} for i in range(0, len(held), 8)],
-                                source=f"{samples} crops of scikit-image/scikit-learn photos")
+        calib = lite0_data(samples)
         metric = "top1_agreement"
     else:
         path = out / "minilm_l6.onnx"
@@ -67,16 +141,32 @@ def load_setup(name: str, out: Path, samples: int) -> dict:
 
 def score(setup: dict, proto) -> dict:
     m = measure_fidelity(setup["ref"], proto, setup["calib"].heldout)
-    return {"cosine": m["cosine"], "rel_err": m["rel_err"], "top1_agreement": m.get("top1_agreement")}
+    return {"cosine": m["cosine"], "rel_err": m["rel_err"], "top1_agreement": m.get("top1_agreement"),
+            "top5_agreement": m.get("top5_agreement")}
 
 
 # --------------------------------------------------------------------------- graphprune
 
 
-def run_graphprune(setup, target, criterion, comp) -> dict:
+FLAGS = {"cv": {"compensate_select": "cv"}, "residual": {"compensate_residual": True}}
+
+
+def _flag_label(flags) -> str:
+    named = [f for f in flags if not f.startswith("calib=")]
+    crops = [f.split("=", 1)[1] for f in flags if f.startswith("calib=")]
+    text = ", ".join(named) + (f"; {crops[0]} calibration crops" if crops else "")
+    return f" ({text})" if text else ""
+
+
+def run_graphprune(setup, target, criterion, comp, flags=()) -> dict:
     t0 = time.perf_counter()
+    opts = {k: v for f in flags if f in FLAGS for k, v in FLAGS[f].items()}
+    calib = setup["calib"]
+    for f in flags:
+        if f.startswith("calib=") and setup["name"] == "lite0":   # more calibration crops, same held-out crops
+            calib = lite0_data(int(f.split("=", 1)[1]))
     r = graphprune.prune(setup["path"], target_flops=target, criterion=criterion, compensate=comp,
-                         calib=setup["calib"], fidelity=False, round_to=8)
+                         calib=calib, fidelity=False, round_to=8, **opts)
     secs = time.perf_counter() - t0
     res = score(setup, r.model)
     res.update({"macs_ratio": macs_of(r.model) / setup["macs"], "seconds": secs})
@@ -207,15 +297,19 @@ def run_onnxsim(setup, target, method: str) -> dict:
 
 def write_markdown(results: dict, path: Path) -> None:
     lines = [START, "## Accuracy without fine-tuning (issue 5)", "",
-             "`python tools/bench_accuracy.py --out bench_out` on CPU (onnxruntime). No fine-tuning anywhere. "
-             "EfficientNet-Lite0: top-1 agreement with the unpruned model on 64 held-out crops of photos never "
-             "used for calibration (scikit-image/scikit-learn photos; calibration: 64 crops of the other photos). "
+             f"`{results.get('command', 'python tools/bench_accuracy.py --out bench_out')}` on CPU "
+             "(onnxruntime). No fine-tuning anywhere. "
+             f"EfficientNet-Lite0: top-1 / top-5 agreement with the unpruned model (top-5: the original's class "
+             f"among the pruned model's five highest) on {LITE0_EVAL_CROPS} random crops (25-100% of the shorter "
+             f"side, random flips) of {len(HELDOUT_PHOTOS)} held-out photos ({', '.join(HELDOUT_PHOTOS)}) that are "
+             f"never used for calibration; calibration: {LITE0_CALIB_CROPS} crops of the other 13 photos that "
+             "scikit-image, scikit-learn and matplotlib ship (`photo_pool()`; a strict photo-level split). "
              "all-MiniLM-L6-v2: mean cosine of the sentence embeddings (mean pooling + L2 norm, in the graph) with "
              "the unpruned model's on 128 held-out sentences (calibration: 96 other sentences). MACs are counted "
              "by graphprune's cost model for every method, so peers are compared at the same MACs (their knob is "
              "bisected to within 0.01). `--compensate obs` is sequential least-squares re-fitting of every "
              "consumer of removed channels; `bias` re-fits the bias only (FLAP).", ""]
-    for model, metric in (("lite0", "top-1 agreement"), ("minilm", "embedding cosine")):
+    for model, metric in (("lite0", "top-1 / top-5 agreement"), ("minilm", "embedding cosine")):
         rows = results.get(model, {})
         if not rows:
             continue
@@ -239,7 +333,9 @@ def write_markdown(results: dict, path: Path) -> None:
                     cells.append(f"failed: {r['error'][:80]}")
                 else:
                     v = r.get(key)
-                    cells.append(f"{v:.3f} ({r['macs_ratio']:.3f})" if v is not None else "–")
+                    v5 = r.get("top5_agreement") if model == "lite0" else None
+                    txt = "–" if v is None else f"{v:.3f}" + (f" / {v5:.3f}" if v5 is not None else "")
+                    cells.append(f"{txt} ({r['macs_ratio']:.3f})" if v is not None else "–")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     notes = results.get("notes", [])
@@ -264,7 +360,11 @@ def main(argv=None) -> int:
     p.add_argument("--criteria", nargs="+", default=CRITERIA)
     p.add_argument("--compensate", nargs="+", default=["none", "obs"])
     p.add_argument("--peers", nargs="*", default=["torch-pruning", "onnxsim-magnitude", "onnxsim-wanda"])
-    p.add_argument("--extra", nargs="*", default=["flap+bias"], help="criterion+compensate pairs")
+    p.add_argument("--extra", nargs="*", default=["flap+bias", "obs+obs:cv,residual",
+                                                  "obs+obs:cv,residual,calib=256"],
+                   help="criterion+compensate pairs, optionally :flag,flag (flags: cv = --compensate-select cv, "
+                        "residual = --compensate-residual, calib=N = N calibration crops for Lite0 instead of "
+                        f"{LITE0_CALIB_CROPS})")
     p.add_argument("--write-md", metavar="BENCHMARKS.md")
     p.add_argument("--only-md", action="store_true")
     args = p.parse_args(argv)
@@ -277,15 +377,18 @@ def main(argv=None) -> int:
         store.write_text(json.dumps(results, indent=1))
 
     if not args.only_md:
+        results["command"] = "python tools/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
         for model in args.models:
-            setup = load_setup(model, out, 64 if model == "lite0" else 96)
+            setup = load_setup(model, out, LITE0_CALIB_CROPS if model == "lite0" else 96)
             rows = results.setdefault(model, {})
-            runs = [(c, k) for c in args.criteria for k in args.compensate]
-            runs += [tuple(e.split("+")) for e in args.extra]
-            runs.sort(key=lambda ck: ck != ("obs", "obs"))   # the headline setting first
+            runs = [(c, k, ()) for c in args.criteria for k in args.compensate]
+            for e in args.extra:   # criterion+compensate[:flag,flag]
+                ck, _, fl = e.partition(":")
+                runs.append((*ck.split("+"), tuple(f for f in fl.split(",") if f)))
+            runs.sort(key=lambda r: not (r[:2] == ("obs", "obs") and r[2]))   # the headline setting first
             for target in args.targets:
-                jobs = [(f"graphprune {c}" + ("" if k == "none" else f" + {k}"),
-                         lambda c=c, k=k: run_graphprune(setup, target, c, k)) for c, k in runs]
+                jobs = [(f"graphprune {c}" + ("" if k == "none" else f" + {k}") + _flag_label(f),
+                         lambda c=c, k=k, f=f: run_graphprune(setup, target, c, k, f)) for c, k, f in runs]
                 for peer in args.peers[::-1]:
                     if peer == "torch-pruning":
                         jobs.insert(1, ("Torch-Pruning MagnitudeImportance",
