@@ -1,0 +1,89 @@
+"""A small encoder built on ``torch.nn.MultiheadAttention``, exported with either exporter.
+
+``nn.MultiheadAttention`` (torchvision ViT, DETR, CLIP-style models) is exported with
+its heads folded into the batch axis: in_proj -> [.., 3E] -> [.., 3, E] -> q/k/v ->
+[S, B*H, D] -> attention over [B*H, S, D] -> [S, B, E] -> out_proj. This builder gives
+a tiny model with that pattern for tests: tokens ``input`` [batch, seq, E] (both axes
+dynamic) -> one MHA block (residual, LayerNorm, MLP) -> mean over tokens -> classifier.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from models.export import BATCH_DIM, DYNAMO_OPSET, INPUT_NAME, OUTPUT_NAME, TORCHSCRIPT_OPSET, _quiet
+
+__all__ = ["MHAEncoder", "build_mha", "export_mha_onnx", "SEQ_DIM"]
+
+SEQ_DIM = "seq"
+
+
+class MHAEncoder(nn.Module):
+    """tokens [B, S, E] -> MHA block + MLP -> mean over S -> logits [B, classes]."""
+
+    def __init__(self, embed: int = 64, heads: int = 4, ffn: int = 128, classes: int = 10,
+                 batch_first: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.norm1 = nn.LayerNorm(embed)
+        self.attn = nn.MultiheadAttention(embed, heads, batch_first=batch_first)
+        self.norm2 = nn.LayerNorm(embed)
+        self.mlp = nn.Sequential(nn.Linear(embed, ffn), nn.GELU(), nn.Linear(ffn, embed))
+        self.head = nn.Linear(embed, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        if not self.batch_first:
+            a = a.transpose(0, 1)
+        x = x + a
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(dim=1))
+
+
+def build_mha(batch_first: bool = True, seed: int = 0, **kw) -> MHAEncoder:
+    """An :class:`MHAEncoder` with seeded random weights (biases and norms non-trivial)."""
+    torch.manual_seed(seed)
+    model = MHAEncoder(batch_first=batch_first, **kw).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name and "weight" in name else 0.0))
+    return model
+
+
+def export_mha_onnx(path: str | os.PathLike[str], *, dynamo: bool, batch_first: bool = True,
+                    seed: int = 0) -> str:
+    """Export :func:`build_mha` to one self-contained ONNX file; batch and seq axes dynamic."""
+    model = build_mha(batch_first=batch_first, seed=seed)
+    x = torch.randn(2, 7, 64)
+    path = os.fspath(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused kernel has no ONNX export
+    with _quiet(), torch.no_grad():
+      try:
+        if dynamo:
+            dims = {0: torch.export.Dim(BATCH_DIM, min=1, max=1024), 1: torch.export.Dim(SEQ_DIM, min=1, max=512)}
+            program = torch.onnx.export(model, (x,), dynamo=True, input_names=[INPUT_NAME],
+                                        output_names=[OUTPUT_NAME], opset_version=DYNAMO_OPSET,
+                                        dynamic_shapes=(dims,), external_data=False, verbose=False)
+            proto = program.model_proto
+        else:
+            buf = io.BytesIO()
+            torch.onnx.export(model, (x,), buf, dynamo=False, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], opset_version=TORCHSCRIPT_OPSET,
+                              dynamic_axes={INPUT_NAME: {0: BATCH_DIM, 1: SEQ_DIM}, OUTPUT_NAME: {0: BATCH_DIM}},
+                              do_constant_folding=True, verbose=False)
+            proto = onnx.load_from_string(buf.getvalue())
+      finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    onnx.save(proto, path)
+    return path
