@@ -2,9 +2,13 @@
 
 ``nn.MultiheadAttention`` (torchvision ViT, DETR, CLIP-style models) is exported with
 its heads folded into the batch axis: in_proj -> [.., 3E] -> [.., 3, E] -> q/k/v ->
-[S, B*H, D] -> attention over [B*H, S, D] -> [S, B, E] -> out_proj. This builder gives
-a tiny model with that pattern for tests: tokens ``input`` [batch, seq, E] (both axes
-dynamic) -> one MHA block (residual, LayerNorm, MLP) -> mean over tokens -> classifier.
+[S, B*H, D] -> attention -> [S, B, E] -> out_proj. This builder gives a tiny model with
+that pattern for tests: tokens ``input`` [batch, seq, E] -> one MHA block (residual,
+LayerNorm, MLP) -> mean over tokens -> classifier ``output`` [batch, classes].
+
+The TorchScript exporter traces ``k.view(k.shape[0], ...)`` with the example sequence
+length as a constant, so its exports run at that length only; ``dynamic_seq=False``
+exports the sequence axis as static (as for ViT, whose token count is fixed).
 """
 from __future__ import annotations
 
@@ -18,18 +22,20 @@ from torch import nn
 
 from models.export import BATCH_DIM, DYNAMO_OPSET, INPUT_NAME, OUTPUT_NAME, TORCHSCRIPT_OPSET, _quiet
 
-__all__ = ["MHAEncoder", "build_mha", "export_mha_onnx", "SEQ_DIM"]
+__all__ = ["MHAEncoder", "build_mha", "export_mha_onnx", "SEQ_DIM", "EXAMPLE_SEQ"]
 
 SEQ_DIM = "seq"
+EXAMPLE_SEQ = 7
 
 
 class MHAEncoder(nn.Module):
     """tokens [B, S, E] -> MHA block + MLP -> mean over S -> logits [B, classes]."""
 
     def __init__(self, embed: int = 64, heads: int = 4, ffn: int = 128, classes: int = 10,
-                 batch_first: bool = True) -> None:
+                 batch_first: bool = True, need_weights: bool = False) -> None:
         super().__init__()
         self.batch_first = batch_first
+        self.need_weights = need_weights  # True: the bmm path over [B*H, S, D] (weights discarded)
         self.norm1 = nn.LayerNorm(embed)
         self.attn = nn.MultiheadAttention(embed, heads, batch_first=batch_first)
         self.norm2 = nn.LayerNorm(embed)
@@ -40,7 +46,7 @@ class MHAEncoder(nn.Module):
         h = self.norm1(x)
         if not self.batch_first:
             h = h.transpose(0, 1)
-        a, _ = self.attn(h, h, h, need_weights=False)
+        a, _ = self.attn(h, h, h, need_weights=self.need_weights)
         if not self.batch_first:
             a = a.transpose(0, 1)
         x = x + a
@@ -59,31 +65,37 @@ def build_mha(batch_first: bool = True, seed: int = 0, **kw) -> MHAEncoder:
     return model
 
 
+def _export(model: nn.Module, x: torch.Tensor, dynamo: bool, dynamic_seq: bool) -> onnx.ModelProto:
+    if dynamo:
+        dims = {0: torch.export.Dim(BATCH_DIM, min=1, max=1024)}
+        if dynamic_seq:
+            dims[1] = torch.export.Dim(SEQ_DIM, min=1, max=512)
+        program = torch.onnx.export(model, (x,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], opset_version=DYNAMO_OPSET,
+                                    dynamic_shapes=(dims,), external_data=False, verbose=False)
+        return program.model_proto
+    buf = io.BytesIO()
+    axes = {0: BATCH_DIM, 1: SEQ_DIM} if dynamic_seq else {0: BATCH_DIM}
+    torch.onnx.export(model, (x,), buf, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                      opset_version=TORCHSCRIPT_OPSET, dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: BATCH_DIM}},
+                      do_constant_folding=True, verbose=False)
+    return onnx.load_from_string(buf.getvalue())
+
+
 def export_mha_onnx(path: str | os.PathLike[str], *, dynamo: bool, batch_first: bool = True,
-                    seed: int = 0) -> str:
-    """Export :func:`build_mha` to one self-contained ONNX file; batch and seq axes dynamic."""
-    model = build_mha(batch_first=batch_first, seed=seed)
-    x = torch.randn(2, 7, 64)
+                    dynamic_seq: bool = True, need_weights: bool = False, seed: int = 0) -> str:
+    """Export :func:`build_mha` to one self-contained ONNX file; the batch axis (and with
+    `dynamic_seq` the sequence axis) is dynamic. Returns the path."""
+    model = build_mha(batch_first=batch_first, seed=seed, need_weights=need_weights)
+    x = torch.randn(2, EXAMPLE_SEQ, model.norm1.normalized_shape[0])
     path = os.fspath(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused kernel has no ONNX export
-    with _quiet(), torch.no_grad():
-      try:
-        if dynamo:
-            dims = {0: torch.export.Dim(BATCH_DIM, min=1, max=1024), 1: torch.export.Dim(SEQ_DIM, min=1, max=512)}
-            program = torch.onnx.export(model, (x,), dynamo=True, input_names=[INPUT_NAME],
-                                        output_names=[OUTPUT_NAME], opset_version=DYNAMO_OPSET,
-                                        dynamic_shapes=(dims,), external_data=False, verbose=False)
-            proto = program.model_proto
-        else:
-            buf = io.BytesIO()
-            torch.onnx.export(model, (x,), buf, dynamo=False, input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], opset_version=TORCHSCRIPT_OPSET,
-                              dynamic_axes={INPUT_NAME: {0: BATCH_DIM, 1: SEQ_DIM}, OUTPUT_NAME: {0: BATCH_DIM}},
-                              do_constant_folding=True, verbose=False)
-            proto = onnx.load_from_string(buf.getvalue())
-      finally:
+    try:
+        with _quiet(), torch.no_grad():
+            proto = _export(model, x, dynamo, dynamic_seq)
+    finally:
         torch.backends.mha.set_fastpath_enabled(fast)
     onnx.save(proto, path)
     return path

@@ -587,23 +587,28 @@ def _target_factors(ctx: RuleContext, xf: list, yshape) -> list | None:
     return None if any(f is None for f in out) else out
 
 
-def _symbolic_blocks(xf: list, yf: list) -> list | None:
+def _symbolic_blocks(xf: list, yf: list, lead: set = frozenset()) -> list | None:
     """Blocks of a reshape over axes (symbols, k): each axis is its symbols (major) then its k
-    static units (minor); the symbol sequences must match one to one and the static runs between
-    them have equal products. Returns [(x axes, y axes)] of static parts > 1, or None."""
-    def runs(fs):
+    static units (minor), or the other way round for the axes in `lead` ((side, axis), side 0
+    for x); the symbol sequences must match one to one and the static runs between them have
+    equal products. Returns [(x axes, y axes, the block holds a static part of a non-folded
+    dynamic axis)] for static parts > 1, or None."""
+    def runs(fs, side):
         seq_syms, out, cur = [], [], []
         for ax, (syms, k) in enumerate(fs):
-            for s in syms:
-                seq_syms.append(s)
+            first = (side, ax) in lead
+            if first and k != 1:
+                cur.append((ax, k))
+            for s_ in syms:
+                seq_syms.append(s_)
                 out.append(cur)
                 cur = []
-            if k != 1:
+            if not first and k != 1:
                 cur.append((ax, k))
         out.append(cur)
         return seq_syms, out
-    sa, ra = runs(xf)
-    sb, rb = runs(yf)
+    sa, ra = runs(xf, 0)
+    sb, rb = runs(yf, 1)
     if sa != sb:
         return None
     blocks = []
@@ -623,8 +628,19 @@ def _symbolic_blocks(xf: list, yf: list) -> list | None:
                     bb.append(b[j][0])
                     pb *= b[j][1]
                     j += 1
-            blocks.append((ba, bb))
+            mixed = any((0, ax) in lead for ax in ba) or any((1, ax) in lead for ax in bb)
+            blocks.append((ba, bb, mixed))
     return blocks
+
+
+def _lead_choices(xf: list, yf: list, folded_x: set):
+    """Which merged axes (symbols and a static factor) take the static factor as the major part:
+    none first, then each combination (a value such as 7*batch does not say its order)."""
+    cands = [(0, ax) for ax, (syms, k) in enumerate(xf) if syms and k > 1 and ax not in folded_x]
+    cands += [(1, ax) for ax, (syms, k) in enumerate(yf) if syms and k > 1]
+    cands = cands[:4]
+    for mask in range(1 << len(cands)):
+        yield {c for i, c in enumerate(cands) if mask >> i & 1}
 
 
 class Reshape(OpRule):
@@ -668,19 +684,27 @@ class Reshape(OpRule):
         yf = _target_factors(ctx, xf, ys)
         if yf is None:
             return " (target shape not a product of the input's symbols and constants)"
-        blocks = _symbolic_blocks(xf, yf)
+        folded_x = {ax for ax in range(len(xs)) if dg.dim(x.name, ax) in dg.dim_fold}
+        for lead in _lead_choices(xf, yf, folded_x):
+            blocks = _symbolic_blocks(xf, yf, lead)
+            if blocks is not None:
+                break
         if blocks is None:
             def show(fs):
                 return "[" + ", ".join("*".join(list(s) + ([str(k)] if k != 1 or not s else [])) for s, k in fs) + "]"
             return f" ({show(xf)} -> {show(yf)}: dynamic factors do not line up)"
-        for t, fs in ((x, xf), (y, yf)):
+        for side, (t, fs) in enumerate(((x, xf), (y, yf))):
             for ax, (syms, k) in enumerate(fs):
-                if syms and k > 1:
+                if syms and k > 1 and (side, ax) not in lead:
                     d = dg.dim(t.name, ax)
                     if d is None or not dg.fold(d, syms, k):
                         return f" (axis {ax} of {t.name} cannot become a folded axis)"
-        for ba, bb in blocks:
-            if len(ba) == 1 and len(bb) == 1:
+        for ba, bb, mixed in blocks:
+            if mixed:  # a static factor merged as the major part of a dynamic axis: no channels
+                for t, axes in ((x, ba), (y, bb)):
+                    for ax in axes:
+                        ctx.pin(t, ax, "static factor merged into a dynamic axis (major part)")
+            elif len(ba) == 1 and len(bb) == 1:
                 # the static parts are the same elements, whether an axis is folded or not
                 da, db = ctx._dim(x, ba[0]), ctx._dim(y, bb[0])
                 n = dg.dim_size[da]
