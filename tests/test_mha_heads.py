@@ -20,15 +20,17 @@ pytest.importorskip("torch")
 from models.mha import EXAMPLE_SEQ, export_mha_onnx  # noqa: E402
 
 E, H, D = 64, 4, 16
-# (exporter, batch_first, need_weights): the TorchScript exporter bakes the example sequence
+# (dynamo, batch_first, need_weights, padding_mask): the TorchScript exporter bakes the example sequence
 # length into k/v's reshape, so its exports here have a static sequence axis (as ViT has)
 CASES = {
-    "dynamo": (True, True, False),
-    "dynamo-seq-first": (True, False, False),
-    "dynamo-bmm": (True, True, True),
-    "torchscript": (False, True, False),
-    "torchscript-seq-first": (False, False, False),
-    "torchscript-bmm": (False, True, True),
+    "dynamo": (True, True, False, False),
+    "dynamo-seq-first": (True, False, False, False),
+    "dynamo-bmm": (True, True, True, False),
+    "dynamo-padding-mask": (True, False, False, True),
+    "torchscript": (False, True, False, False),
+    "torchscript-seq-first": (False, False, False, False),
+    "torchscript-bmm": (False, True, True, False),
+    "torchscript-padding-mask": (False, True, True, True),
 }
 
 
@@ -38,13 +40,13 @@ def mha_path(tmp_path_factory):
     cache = {}
 
     def get(case, dynamic_seq=None):
-        dynamo, batch_first, need_weights = CASES[case]
+        dynamo, batch_first, need_weights, padding_mask = CASES[case]
         dynamic_seq = dynamo if dynamic_seq is None else dynamic_seq
         key = (case, dynamic_seq)
         if key not in cache:
             cache[key] = export_mha_onnx(tmp / f"{case}_{int(dynamic_seq)}.onnx", dynamo=dynamo,
                                          batch_first=batch_first, need_weights=need_weights,
-                                         dynamic_seq=dynamic_seq)
+                                         padding_mask=padding_mask, dynamic_seq=dynamic_seq)
         return cache[key]
 
     return get
@@ -67,6 +69,10 @@ def _check(result, shapes) -> float:
     errs = []
     for batch, seq in shapes:
         feeds = {"input": rng.standard_normal((batch, seq, E)).astype(np.float32)}
+        if len(model.graph.input) > 1:  # key_padding_mask: the last two tokens of sample 0 are padding
+            mask = np.zeros((batch, seq), bool)
+            mask[0, -2:] = True
+            feeds["mask"] = mask
         want, got = run_model(masked, feeds), run_model(model, feeds)
         cmp = compare_outputs(want, got)
         assert cmp["max_rel"] < 1e-4, (batch, seq, cmp)

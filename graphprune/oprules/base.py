@@ -402,8 +402,9 @@ class RewriteContext:
         return (t.name, axis + len(shape) if axis < 0 else axis) in self.folded
 
     def scale_shape_entries(self, index: int, ratios: dict[int, tuple[int, int]]) -> None:
-        """Multiply entries of the run-time 1-D shape input `index` by num/den (exact integer
-        arithmetic: Div(Mul(shape, num), den)); a folded axis batch*H becomes batch*H'."""
+        """Multiply entries of the run-time 1-D shape input `index` by num/den in exact integer
+        arithmetic (a folded axis batch*H becomes batch*H'); entries < 1 (-1: inferred, 0: copied)
+        are kept: Where(shape > 0, Div(Mul(shape, num), den), shape)."""
         if not ratios:
             return
         t = self.node.inputs[index]
@@ -414,12 +415,17 @@ class RewriteContext:
         for k, (a, b) in ratios.items():
             num[k], den[k] = a, b
         base = self.node.name or self.node.op
-        mul = gs.Variable(self._namer(f"{base}_shape_mul"), dtype=np.int64, shape=[rank])
-        out = gs.Variable(self._namer(f"{base}_shape"), dtype=np.int64, shape=[rank])
-        self.graph.nodes.append(gs.Node("Mul", name=self._namer(f"{base}_shape_mul"),
-                                        inputs=[t, self.constant(num, "num")], outputs=[mul]))
-        self.graph.nodes.append(gs.Node("Div", name=self._namer(f"{base}_shape_div"),
-                                        inputs=[mul, self.constant(den, "den")], outputs=[out]))
+
+        def var(hint, dtype=np.int64):
+            return gs.Variable(self._namer(f"{base}_{hint}"), dtype=dtype, shape=[rank])
+
+        mul, div, pos, out = var("shape_mul"), var("shape_div"), var("shape_pos", np.bool_), var("shape")
+        for op, inputs, output in (("Mul", [t, self.constant(num, "num")], mul),
+                                   ("Div", [mul, self.constant(den, "den")], div),
+                                   ("Greater", [t, self.constant(np.zeros(rank, np.int64), "zero")], pos),
+                                   ("Where", [pos, div, t], out)):
+            self.graph.nodes.append(gs.Node(op, name=self._namer(f"{base}_{op.lower()}"), inputs=inputs,
+                                            outputs=[output]))
         self.node.inputs[index] = out
 
     def constant(self, values: np.ndarray, hint: str = "c") -> gs.Constant:
