@@ -183,10 +183,10 @@ class DependencyGraph:
     def pin(self, dim: int, reason: str) -> None:
         self.dim_pin.setdefault(dim, reason)
 
-    def fold(self, dim: int, syms: tuple, units: int) -> bool:
+    def fold(self, dim: int, syms: tuple, units: int, *, dry: bool = False) -> bool:
         """Make a dynamic axis a folded one: `units` static channel units (minor) repeated over the
         dynamic factor `syms` (major). Only an axis no rule has related yet can change; returns
-        whether the axis is (now) folded that way."""
+        whether the axis is (now, or with `dry` would be) folded that way."""
         if dim in self.dim_fold:
             return self.dim_fold[dim] == (tuple(syms), units)
         if not self.dim_opaque[dim] or units <= 1:
@@ -196,6 +196,8 @@ class DependencyGraph:
             return False
         if any(dim in (t[0], t[2]) for t in self.ties) or any(dim in fb.dims_a + fb.dims_b for fb in self.factors):
             return False
+        if dry:
+            return True
         self.dim_pin.pop(dim, None)
         self.dim_opaque[dim] = False
         self.dim_size[dim] = int(units)

@@ -24,9 +24,8 @@ E, H, D = 64, 4, 16
 # length into k/v's reshape, so its exports here have a static sequence axis (as ViT has)
 CASES = {
     "dynamo": (True, True, False, False),
-    "dynamo-seq-first": (True, False, False, False),
     "dynamo-bmm": (True, True, True, False),
-    "dynamo-padding-mask": (True, False, False, True),
+    "dynamo-padding-mask-seq-first": (True, False, False, True),
     "torchscript": (False, True, False, False),
     "torchscript-seq-first": (False, False, False, False),
     "torchscript-bmm": (False, True, True, False),
@@ -123,14 +122,19 @@ def test_heads_only(mha_path, case):
     _check(result, _shapes(case))
 
 
-def test_torchscript_seq_baked_in_pins_with_reason(mha_path):
+def test_torchscript_seq_baked_in(mha_path):
     """A dynamic-seq TorchScript export has [S, B, E] -> [7, B*4, D] for k and v (the example
-    length traced as a constant): the heads stay, with a precise reason; the rest still prunes."""
+    length traced as a constant): the graph runs only with S = 7, so the reshape binds S to 7
+    (that axis is pinned, with the reason) and the heads are still found and pruned."""
     path = mha_path("torchscript", dynamic_seq=True)
     res = graphprune.analyze(path)
-    assert not [g for g in res.groups if g.kind == "heads"]
-    reasons = " ".join(p.reason for p in res.pinned)
-    assert "dynamic factors do not line up" in reasons and "batch*4" in reasons
-    result = graphprune.prune(path, target_flops=0.7, round_to=1)
-    assert 0.68 <= result.report["macs_ratio"] <= 0.7 + 1e-9
+    heads = [g for g in res.groups if g.kind == "heads"]
+    assert len(heads) == 1 and heads[0].size == H
+    reasons = set(res.context.dependency.dim_pin.values())
+    assert any(f"fixes seq to {EXAMPLE_SEQ}" in r for r in reasons)
+    result = graphprune.prune(path, target_flops=0.5, round_to=1)
+    assert 0.48 <= result.report["macs_ratio"] <= 0.5 + 1e-9
+    assert _kept_heads(result.model) < H
+    dims = result.model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[1].dim_param  # still declared dynamic, as in the export
     _check(result, [(1, EXAMPLE_SEQ), (3, EXAMPLE_SEQ)])  # the export itself runs at length 7 only

@@ -643,6 +643,35 @@ def _lead_choices(xf: list, yf: list, folded_x: set):
         yield {c for i, c in enumerate(cands) if mask >> i & 1}
 
 
+def _bind_symbol(xf: list, yf: list, folded_x: set):
+    """When one symbol appears on one side only, the element counts fix it to a constant (a
+    TorchScript export traces k.view(k.shape[0], ...) as [seq, b, E] -> [7, b*H, D]: the graph
+    runs only with seq = 7). Returns (xf, yf, symbol, value) with it substituted, or None."""
+    from collections import Counter
+
+    ca = Counter(q for syms, _ in xf for q in syms)
+    cb = Counter(q for syms, _ in yf for q in syms)
+    extra = [(0, q) for q in (ca - cb).elements()] + [(1, q) for q in (cb - ca).elements()]
+    if len(extra) != 1:
+        return None
+    side, sym = extra[0]
+    pa, pb = int(np.prod([k for _, k in xf])), int(np.prod([k for _, k in yf]))
+    num, den = (pb, pa) if side == 0 else (pa, pb)
+    if den <= 0 or num % den or num // den < 1:
+        return None
+    value = num // den
+    fs = xf if side == 0 else yf
+    out = []
+    for ax, (syms, k) in enumerate(fs):
+        if sym in syms:
+            if side == 0 and ax in folded_x:
+                return None
+            syms = tuple(q for q in syms if q != sym)
+            k *= value
+        out.append((syms, k))
+    return (out, yf, sym, value) if side == 0 else (xf, out, sym, value)
+
+
 class Reshape(OpRule):
     """Reshape/Flatten: blocks of equal element count; multi-axis blocks factor channels.
 
@@ -685,25 +714,36 @@ class Reshape(OpRule):
         if yf is None:
             return " (target shape not a product of the input's symbols and constants)"
         folded_x = {ax for ax in range(len(xs)) if dg.dim(x.name, ax) in dg.dim_fold}
-        for lead in _lead_choices(xf, yf, folded_x):
-            blocks = _symbolic_blocks(xf, yf, lead)
-            if blocks is not None:
-                break
+        bound = None
+        blocks = Reshape._line_up(xf, yf, folded_x)
+        if blocks is None and (bound := _bind_symbol(xf, yf, folded_x)) is not None:
+            xf, yf = bound[0], bound[1]
+            blocks = Reshape._line_up(xf, yf, folded_x)
         if blocks is None:
             def show(fs):
                 return "[" + ", ".join("*".join(list(s) + ([str(k)] if k != 1 or not s else [])) for s, k in fs) + "]"
             return f" ({show(xf)} -> {show(yf)}: dynamic factors do not line up)"
+        blocks, lead = blocks
+        folds = []
         for side, (t, fs) in enumerate(((x, xf), (y, yf))):
             for ax, (syms, k) in enumerate(fs):
                 if syms and k > 1 and (side, ax) not in lead:
                     d = dg.dim(t.name, ax)
-                    if d is None or not dg.fold(d, syms, k):
+                    if d is None or not dg.fold(d, syms, k, dry=True):
                         return f" (axis {ax} of {t.name} cannot become a folded axis)"
+                    folds.append((d, syms, k))
+        for d, syms, k in folds:
+            dg.fold(d, syms, k)
         for ba, bb, mixed in blocks:
-            if mixed:  # a static factor merged as the major part of a dynamic axis: no channels
+            dims = [dg.dim(x.name, ax) for ax in ba] + [dg.dim(y.name, ax) for ax in bb]
+            if mixed or any(dg.dim_opaque[d] for d in dims):
+                # a static factor merged as the major part of a dynamic axis, or a dynamic axis the
+                # reshape fixes to a constant (bound): no channels
+                why = (f"the reshape fixes {bound[2]} to {bound[3]}" if bound and not mixed
+                       else "static factor merged into a dynamic axis (major part)")
                 for t, axes in ((x, ba), (y, bb)):
                     for ax in axes:
-                        ctx.pin(t, ax, "static factor merged into a dynamic axis (major part)")
+                        ctx.pin(t, ax, why)
             elif len(ba) == 1 and len(bb) == 1:
                 # the static parts are the same elements, whether an axis is folded or not
                 da, db = ctx._dim(x, ba[0]), ctx._dim(y, bb[0])
@@ -715,6 +755,14 @@ class Reshape(OpRule):
             for ax, (syms, k) in enumerate(fs):
                 if syms and k == 1:
                     ctx.skip(t, ax)  # a purely dynamic axis, pinned as such
+        return None
+
+    @staticmethod
+    def _line_up(xf: list, yf: list, folded_x: set):
+        for lead in _lead_choices(xf, yf, folded_x):
+            blocks = _symbolic_blocks(xf, yf, lead)
+            if blocks is not None:
+                return blocks, lead
         return None
 
     def rewrite(self, rctx: RewriteContext) -> None:
