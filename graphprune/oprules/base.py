@@ -385,6 +385,8 @@ class RewriteContext:
         return None if t is None else self._orig.get(t.name)
 
     def new_size(self, t: gs.Tensor, axis: int):
+        if self.is_folded(t, axis):  # its size is dynamic x kept units: a rule must rewrite it itself
+            raise ValueError(f"{self.node.op} {self.node.name}: no static size for the folded axis {axis} of {t.name}")
         k = self.kept(t, axis)
         if k is not None:
             return len(k)

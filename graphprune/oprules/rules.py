@@ -885,7 +885,9 @@ class Expand(OpRule):
     def rewrite(self, rctx: RewriteContext) -> None:
         y = rctx.node.outputs[0]
         ys = rctx.orig_shape(y)
-        updates = {k: rctx.new_size(y, k) for k in range(len(ys)) if rctx.kept(y, k) is not None}
+        # a folded axis (dynamic x units) is tied to the input's: entry 1 keeps the input's size
+        updates = {k: 1 if rctx.is_folded(y, k) else rctx.new_size(y, k)
+                   for k in range(len(ys)) if rctx.kept(y, k) is not None}
         rctx.set_shape_entries(1, updates)
 
 
