@@ -138,3 +138,71 @@ def test_torchscript_seq_baked_in(mha_path):
     dims = result.model.graph.input[0].type.tensor_type.shape.dim
     assert dims[1].dim_param  # still declared dynamic, as in the export
     _check(result, [(1, EXAMPLE_SEQ), (3, EXAMPLE_SEQ)])  # the export itself runs at length 7 only
+
+
+def _folded_graph(perm: list[int]) -> onnx.ModelProto:
+    """x [batch, 5, 64] -> q = x Wq -> [batch, 5, 4, 16] -> Transpose(perm) -> merged into
+    [-1, 5, 16] (constant shapes) -> attention of q with itself -> split back -> [batch, 5, 64]
+    -> Wo -> y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    inv = [perm.index(k) for k in range(4)]
+    mid = [[0, 5, 4, 16][p] if [0, 5, 4, 16][p] else -1 for p in perm]  # the transposed 4-D shape
+    back = [-1 if m == -1 else m for m in mid]
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "wq"),
+             numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "wo"),
+             numpy_helper.from_array(np.array([0, 5, 4, 16], np.int64), "s4"),
+             numpy_helper.from_array(np.array([-1, 5, 16], np.int64), "s3"),
+             numpy_helper.from_array(np.array(back, np.int64), "sb"),
+             numpy_helper.from_array(np.array([0, 5, 64], np.int64), "s2")]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]),
+             helper.make_node("Reshape", ["q", "s4"], ["q4"]),
+             helper.make_node("Transpose", ["q4"], ["qt"], perm=perm),
+             helper.make_node("Reshape", ["qt", "s3"], ["m"]),
+             helper.make_node("Transpose", ["m"], ["mt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["m", "mt"], ["sc"]),
+             helper.make_node("Softmax", ["sc"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "m"], ["r"]),
+             helper.make_node("Reshape", ["r", "sb"], ["rb"]),
+             helper.make_node("Transpose", ["rb"], ["rt"], perm=inv),
+             helper.make_node("Reshape", ["rt", "s2"], ["h"]),
+             helper.make_node("MatMul", ["h", "wo"], ["y"])]
+    graph = helper.make_graph(nodes, "folded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_folded_batch_major_constant_shapes():
+    """[batch, 4, 5, 16] -> [-1, 5, 16] (batch major): heads found; the constant [-1, 4, 5, 16]
+    becomes [-1, H', 5, 16] and -1 keeps inferring batch*H'."""
+    model = _folded_graph([0, 2, 1, 3])
+    res = graphprune.analyze(model)
+    heads = [g for g in res.groups if g.kind == "heads"]
+    assert len(heads) == 1 and heads[0].size == 4
+    result = graphprune.prune(model, target_flops=0.6, round_to=1)
+    assert result.report["macs_ratio"] <= 0.6  # heads are the only group: a head is 1/4 of the MACs
+    kept = {i.name: list(i.dims) for i in result.model.graph.initializer}
+    assert kept["wq"][1] in (16, 32, 48) and kept["wo"][0] == kept["wq"][1]
+    back = next(n for n in result.model.graph.node if n.output[0] == "rb")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert inits[back.input[1]].tolist() == [-1, kept["wq"][1] // 16, 5, 16]
+    rng = np.random.default_rng(0)
+    onnx.checker.check_model(onnx.shape_inference.infer_shapes(result.model, strict_mode=True), full_check=True)
+    ctx = result.context
+    masked = masked_model(ctx.original, ctx.dependency, ctx.plan.removed_labels(ctx.groups))
+    for batch in (1, 3):
+        feeds = {"x": rng.standard_normal((batch, 5, 64)).astype(np.float32)}
+        assert compare_outputs(run_model(masked, feeds), run_model(result.model, feeds))["max_rel"] < 1e-4
+
+
+def test_folded_heads_major_pins():
+    """[4, batch, 5, 16] -> [-1, 5, 16] merges heads as the *major* part: not a folded axis of
+    heads over batch; the heads are pinned, with the reason."""
+    res = graphprune.analyze(_folded_graph([2, 0, 1, 3]))
+    assert not [g for g in res.groups if g.kind == "heads"]
+    dg = res.context.dependency
+    why = {dg.dims[d].tensor: r for d, r in dg.dim_pin.items() if dg.dims[d].axis == 0}
+    assert "major part" in why["qt"]  # the [4, batch, ...] head axis
