@@ -194,7 +194,7 @@ class DependencyGraph:
         reason = self.dim_pin.get(dim)
         if reason is not None and not reason.startswith("dynamic axis "):
             return False
-        if any(dim in (t[0], t[2]) for t in self.ties) or any(dim in fb.dims_a + fb.dims_b for fb in self.factors):
+        if dim in self._related_dims():
             return False
         if dry:
             return True
@@ -203,6 +203,16 @@ class DependencyGraph:
         self.dim_size[dim] = int(units)
         self.dim_fold[dim] = (tuple(syms), int(units))
         return True
+
+    def _related_dims(self) -> set:
+        """Dims some tie or reshape block already relates (kept up to date incrementally)."""
+        seen = self.__dict__.setdefault("_related", [0, 0, set()])
+        for t in self.ties[seen[0]:]:
+            seen[2].update((t[0], t[2]))
+        for fb in self.factors[seen[1]:]:
+            seen[2].update(fb.dims_a + fb.dims_b)
+        seen[0], seen[1] = len(self.ties), len(self.factors)
+        return seen[2]
 
     # -- building -----------------------------------------------------------
     def _build(self) -> None:
