@@ -84,7 +84,8 @@ def _export(model: MHAEncoder, x: torch.Tensor, dynamo: bool, dynamic_seq: bool)
     buf = io.BytesIO()
     axes = {0: BATCH_DIM, 1: SEQ_DIM} if dynamic_seq else {0: BATCH_DIM}
     torch.onnx.export(model, args, buf, dynamo=False, input_names=names, output_names=[OUTPUT_NAME],
-                      opset_version=TORCHSCRIPT_OPSET, dynamic_axes={**{n: axes for n in names}, OUTPUT_NAME: {0: BATCH_DIM}},
+                      opset_version=TORCHSCRIPT_OPSET,
+                      dynamic_axes={**{n: axes for n in names}, OUTPUT_NAME: {0: BATCH_DIM}},
                       do_constant_folding=True, verbose=False)
     return onnx.load_from_string(buf.getvalue())
 

@@ -148,8 +148,7 @@ def _folded_graph(perm: list[int]) -> onnx.ModelProto:
 
     rng = np.random.default_rng(1)
     inv = [perm.index(k) for k in range(4)]
-    mid = [[0, 5, 4, 16][p] if [0, 5, 4, 16][p] else -1 for p in perm]  # the transposed 4-D shape
-    back = [-1 if m == -1 else m for m in mid]
+    back = [[-1, 5, 4, 16][p] for p in perm]  # the transposed 4-D shape, batch inferred
     inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "wq"),
              numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "wo"),
              numpy_helper.from_array(np.array([0, 5, 4, 16], np.int64), "s4"),
@@ -168,7 +167,8 @@ def _folded_graph(perm: list[int]) -> onnx.ModelProto:
              helper.make_node("Transpose", ["rb"], ["rt"], perm=inv),
              helper.make_node("Reshape", ["rt", "s2"], ["h"]),
              helper.make_node("MatMul", ["h", "wo"], ["y"])]
-    graph = helper.make_graph(nodes, "folded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 64])],
+    graph = helper.make_graph(nodes, "folded",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 64])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
