@@ -545,6 +545,9 @@ def _target_factors(ctx: RuleContext, xf: list, yshape) -> list | None:
     if runs is None or runs[0].ndim != 1 or len(runs[0]) != len(yshape):
         return None
     symbols = [s for syms, _ in xf for s in syms]
+    values = {(ev._symbol_value(q, 0), ev._symbol_value(q, 1)) for q in set(symbols)}
+    if len(values) != len(set(symbols)):
+        return None  # two symbols evaluate alike: their products cannot be told apart
     allowzero = int(node.attrs.get("allowzero", 0))
     out: list = []
     infer = None
