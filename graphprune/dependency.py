@@ -139,6 +139,9 @@ class DependencyGraph:
         self.factors: list = []
         self.carriers: set[int] = set()  # dims a reshape block ties elementwise (e.g. a head axis)
         self.stat_axes: dict[str, set[int]] = {}  # node (first output) -> dims it takes statistics over
+        # folded axes: a dynamic factor (symbols, major) merged with k static units (minor), e.g. the
+        # [batch*heads] axis of torch.nn.MultiheadAttention; the dim's elements are the k units
+        self.dim_fold: dict[int, tuple[tuple[str, ...], int]] = {}
         self.node_dims: dict[int, list[int]] = {}   # dim id -> nodes (names) using it
         self.cost_terms: list = []  # filled by cost model
         self._tensors = model.graph.tensors()
@@ -179,6 +182,37 @@ class DependencyGraph:
 
     def pin(self, dim: int, reason: str) -> None:
         self.dim_pin.setdefault(dim, reason)
+
+    def fold(self, dim: int, syms: tuple, units: int, *, dry: bool = False) -> bool:
+        """Make a dynamic axis a folded one: `units` static channel units (minor) repeated over the
+        dynamic factor `syms` (major). Only an axis no rule has related yet can change; returns
+        whether the axis is (now, or with `dry` would be) folded that way."""
+        if dim in self.dim_fold:
+            return self.dim_fold[dim] == (tuple(syms), units)
+        if not self.dim_opaque[dim] or units <= 1:
+            return False
+        reason = self.dim_pin.get(dim)
+        if reason is not None and not reason.startswith("dynamic axis "):
+            return False
+        if dim in self._related_dims():
+            return False
+        if dry:
+            return True
+        self.dim_pin.pop(dim, None)
+        self.dim_opaque[dim] = False
+        self.dim_size[dim] = int(units)
+        self.dim_fold[dim] = (tuple(syms), int(units))
+        return True
+
+    def _related_dims(self) -> set:
+        """Dims some tie or reshape block already relates (kept up to date incrementally)."""
+        seen = self.__dict__.setdefault("_related", [0, 0, set()])
+        for t in self.ties[seen[0]:]:
+            seen[2].update((t[0], t[2]))
+        for fb in self.factors[seen[1]:]:
+            seen[2].update(fb.dims_a + fb.dims_b)
+        seen[0], seen[1] = len(self.ties), len(self.factors)
+        return seen[2]
 
     # -- building -----------------------------------------------------------
     def _build(self) -> None:

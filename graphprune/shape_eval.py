@@ -123,6 +123,11 @@ class ShapeEvaluator:
                              if self._symbol_value(s, 0) == x and self._symbol_value(s, 1) == y), None))
         return out
 
+    def runs(self, t: gs.Tensor):
+        """The tensor's values in the two evaluation runs (symbols at different sizes), or None."""
+        a, b = self._value(t, 0), self._value(t, 1)
+        return None if a is None or b is None or a.shape != b.shape else (a, b)
+
     def static(self, t: gs.Tensor):
         """(values, static_mask) of a 1-D or scalar int tensor, or None if not evaluable."""
         a, b = self._value(t, 0), self._value(t, 1)

@@ -52,7 +52,8 @@ class CostTracker:
                     ax = ax % len(shape)
                     d = dg.dim_index.get(_dim_key(t, ax))
                     size = shape[ax]
-                    if d is None or dg.dim_opaque[d]:
+                    # dynamic axes count as 1, folded ones (dynamic x units) too, as model_cost does
+                    if d is None or dg.dim_opaque[d] or d in getattr(dg, "dim_fold", ()):
                         coef *= size if isinstance(size, int) and size > 0 else 1
                     else:
                         dims.append(d)

@@ -27,6 +27,8 @@ def apply_plan(ctx: PruneContext) -> dict[tuple[str, int], np.ndarray]:
     graph = model.graph
     labels = ctx.plan.removed_labels(ctx.groups)
     kept = kept_indices(dg, labels)
+    model.shapes.runs  # build the shape evaluator on the original graph
+    folded = {(dg.dims[d].tensor, dg.dims[d].axis): f[1] for d, f in getattr(dg, "dim_fold", {}).items()}
     tensors = graph.tensors()
     orig_shapes = {name: tensor_shape(t) for name, t in tensors.items()}
     used = set(tensors)
@@ -42,7 +44,8 @@ def apply_plan(ctx: PruneContext) -> dict[tuple[str, int], np.ndarray]:
     for node in list(graph.nodes):
         rule = ctx.registry.lookup(node.domain or "", node.op, model.opset)
         if rule is not None:
-            rule.rewrite(RewriteContext(node, kept, orig_shapes, graph, namer, model.opset, model.value))
+            rule.rewrite(RewriteContext(node, kept, orig_shapes, graph, namer, model.opset, model.value,
+                                        folded, model.shapes.runs))
     by_tensor: dict[str, list] = {}
     for (name, axis), idx in kept.items():
         by_tensor.setdefault(name, []).append((axis, idx))
@@ -65,7 +68,9 @@ def apply_plan(ctx: PruneContext) -> dict[tuple[str, int], np.ndarray]:
             shape = orig_shapes.get(t.name)
             if shape is None:
                 continue
-            t.shape = [len(kept[(t.name, k)]) if (t.name, k) in kept else d for k, d in enumerate(shape)]
+            # a folded axis (dynamic x units) stays dynamic: its size is left to shape inference
+            t.shape = [(None if (t.name, k) in folded else len(kept[(t.name, k)])) if (t.name, k) in kept else d
+                       for k, d in enumerate(shape)]
     return kept
 
 

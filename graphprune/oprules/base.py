@@ -165,6 +165,9 @@ class RuleContext:
         if da is None or db is None:
             return
         dg = self.dg
+        if da in dg.dim_fold or db in dg.dim_fold:
+            self._tie_folded(da, db, idx_a is None and idx_b is None)
+            return
         if idx_a is None and idx_b is None:
             sa, sb = dg.dim_size[da], dg.dim_size[db]
             oa, ob = dg.dim_opaque[da], dg.dim_opaque[db]
@@ -186,6 +189,31 @@ class RuleContext:
                 return
         dg.ties.append((da, np.asarray(idx_a, np.int64), db, np.asarray(idx_b, np.int64)))
 
+    def _tie_folded(self, da: int, db: int, identity: bool) -> None:
+        """A tie where one side is a folded axis (dynamic factor x static units): identity only,
+        with another folded axis of the same units or a dynamic axis that becomes folded."""
+        dg = self.dg
+        fa, fb = dg.dim_fold.get(da), dg.dim_fold.get(db)
+        f = fa or fb
+        other = db if fa is not None else da
+        if identity and fb is None and dg.dim_opaque[db]:
+            ok = dg.fold(db, *f)
+        elif identity and fa is None and dg.dim_opaque[da]:
+            ok = dg.fold(da, *f)
+        elif identity and fa is not None and fb is not None:
+            ok = fa == fb
+        elif identity and dg.dim_size[other] == 1 and not dg.dim_opaque[other]:
+            return  # broadcast
+        else:
+            ok = False
+        if ok:
+            n = f[1]
+            dg.ties.append((da, np.arange(n, dtype=np.int64), db, np.arange(n, dtype=np.int64)))
+            return
+        for d in (da, db):
+            dg.pin(d, f"{self.op} {self.node.name}: folded axis (dynamic x {f[1]} units) meets an axis "
+                      f"it cannot map to")
+
     def units(self, t: gs.Tensor, axis: int) -> None:
         """Mark an axis whose channels come in multi-element units (attention heads)."""
         d = self._dim(t, axis)
@@ -196,6 +224,9 @@ class RuleContext:
         """Mark an input axis the op takes statistics over (a mean, variance, max): it may lose
         elements (the op then runs over the kept ones), and the oracle computes it that way."""
         d = self._dim(t, axis)
+        if d is not None and d in self.dg.dim_fold:
+            self.dg.pin(d, f"{self.op} {self.node.name}: statistics over a folded axis")
+            return
         if d is not None and self.node.outputs:
             self.dg.stat_axes.setdefault(self.node.outputs[0].name, set()).add(d)
 
@@ -330,7 +361,9 @@ class RewriteContext:
     """What an op rule sees of one node after channels were removed."""
 
     def __init__(self, node: gs.Node, kept: dict, orig_shapes: dict, graph: gs.Graph, namer, opset: int,
-                 value=const_values):
+                 value=const_values, folded: dict | None = None, runs=None):
+        self.folded = folded or {}  # (tensor, axis) -> static units of a folded axis (dynamic x units)
+        self.runs = runs  # runs(tensor) -> a shape tensor's values at two sets of symbol sizes, or None
         self.node = node
         self.graph_opset = opset
         self.value = value  # value(tensor) -> np.ndarray | None (constants and static shape values)
@@ -352,6 +385,8 @@ class RewriteContext:
         return None if t is None else self._orig.get(t.name)
 
     def new_size(self, t: gs.Tensor, axis: int):
+        if self.is_folded(t, axis):  # its size is dynamic x kept units: a rule must rewrite it itself
+            raise ValueError(f"{self.node.op} {self.node.name}: no static size for the folded axis {axis} of {t.name}")
         k = self.kept(t, axis)
         if k is not None:
             return len(k)
@@ -361,6 +396,39 @@ class RewriteContext:
     def changed(self, t: gs.Tensor | None) -> bool:
         shape = self.orig_shape(t)
         return t is not None and shape is not None and any(self.kept(t, a) is not None for a in range(len(shape)))
+
+    def is_folded(self, t: gs.Tensor | None, axis: int) -> bool:
+        shape = self.orig_shape(t)
+        if t is None or shape is None:
+            return False
+        return (t.name, axis + len(shape) if axis < 0 else axis) in self.folded
+
+    def scale_shape_entries(self, index: int, ratios: dict[int, tuple[int, int]]) -> None:
+        """Multiply entries of the run-time 1-D shape input `index` by num/den in exact integer
+        arithmetic (a folded axis batch*H becomes batch*H'); entries < 1 (-1: inferred, 0: copied)
+        are kept: Where(shape > 0, Div(Mul(shape, num), den), shape)."""
+        if not ratios:
+            return
+        t = self.node.inputs[index]
+        rank = (tensor_shape(t) or [None])[0]
+        if not isinstance(rank, int):
+            raise ValueError(f"cannot rewrite the run-time shape of {self.node.name}: unknown length")
+        num, den = np.ones(rank, np.int64), np.ones(rank, np.int64)
+        for k, (a, b) in ratios.items():
+            num[k], den[k] = a, b
+        base = self.node.name or self.node.op
+
+        def var(hint, dtype=np.int64):
+            return gs.Variable(self._namer(f"{base}_{hint}"), dtype=dtype, shape=[rank])
+
+        mul, div, pos, out = var("shape_mul"), var("shape_div"), var("shape_pos", np.bool_), var("shape")
+        for op, inputs, output in (("Mul", [t, self.constant(num, "num")], mul),
+                                   ("Div", [mul, self.constant(den, "den")], div),
+                                   ("Greater", [t, self.constant(np.zeros(rank, np.int64), "zero")], pos),
+                                   ("Where", [pos, div, t], out)):
+            self.graph.nodes.append(gs.Node(op, name=self._namer(f"{base}_{op.lower()}"), inputs=inputs,
+                                            outputs=[output]))
+        self.node.inputs[index] = out
 
     def constant(self, values: np.ndarray, hint: str = "c") -> gs.Constant:
         return gs.Constant(self._namer(f"{self.node.name or self.node.op}_{hint}"), np.asarray(values))

@@ -500,8 +500,189 @@ def _match(a: list, b: list, ia: list, ib: list):
     return blocks, ia[i:], ib[j:]
 
 
+def _parse_dim(d) -> tuple | None:
+    """An axis size as (symbols, static factor): 7 -> ((), 7), 'batch' -> (('batch',), 1),
+    '4*batch' -> (('batch',), 4); None for unknown sizes (None, unk__N)."""
+    if isinstance(d, int):
+        return ((), d) if d >= 0 else None
+    if not isinstance(d, str) or not d or d.startswith("unk__"):
+        return None
+    syms, k = [], 1
+    for part in d.split("*"):
+        part = part.strip()
+        if part.isdigit():
+            k *= int(part)
+        elif part.isidentifier():
+            syms.append(part)
+        else:
+            return None
+    return tuple(syms), k
+
+
+def _input_factors(ctx: RuleContext, x: gs.Tensor, shape) -> list | None:
+    out = []
+    for ax, d in enumerate(shape):
+        dim = ctx.dg.dim(x.name, ax)
+        fold = ctx.dg.dim_fold.get(dim) if dim is not None else None
+        f = fold or _parse_dim(d)
+        if f is None:
+            return None
+        out.append(f)
+    return out
+
+
+def _target_factors(ctx: RuleContext, xf: list, yshape) -> list | None:
+    """The output axes as (symbols, static factor), from the output shape or else from the
+    shape input evaluated at two sets of symbol sizes (entry == product(symbols) * k in both)."""
+    parsed = [_parse_dim(d) for d in yshape]
+    if all(p is not None for p in parsed):
+        return parsed
+    node = ctx.node
+    if node.op != "Reshape" or ctx.input(1) is None:
+        return None
+    ev = ctx.dg.model.shapes
+    runs = ev.runs(ctx.input(1))
+    if runs is None or runs[0].ndim != 1 or len(runs[0]) != len(yshape):
+        return None
+    symbols = [s for syms, _ in xf for s in syms]
+    values = {(ev._symbol_value(q, 0), ev._symbol_value(q, 1)) for q in set(symbols)}
+    if len(values) != len(set(symbols)):
+        return None  # two symbols evaluate alike: their products cannot be told apart
+    allowzero = int(node.attrs.get("allowzero", 0))
+    out: list = []
+    infer = None
+    for k, (v0, v1) in enumerate(zip(runs[0].tolist(), runs[1].tolist())):
+        if v0 == v1:
+            if v0 == -1:
+                infer = k
+                out.append(None)
+            elif v0 == 0 and not allowzero:
+                out.append(xf[k] if k < len(xf) else None)
+            else:
+                out.append(((), int(v0)))
+            continue
+        found = None
+        for n in range(1, min(3, len(symbols)) + 1):  # contiguous runs of the input's symbols
+            for i in range(len(symbols) - n + 1):
+                sub = tuple(symbols[i:i + n])
+                p0 = int(np.prod([ev._symbol_value(q, 0) for q in sub]))
+                p1 = int(np.prod([ev._symbol_value(q, 1) for q in sub]))
+                if v0 % p0 == 0 and v1 % p1 == 0 and v0 // p0 == v1 // p1 > 0:
+                    found = (sub, v0 // p0)
+                    break
+            if found:
+                break
+        out.append(found)
+    if infer is not None:
+        syms = [s for syms_, _ in xf for s in syms_]
+        known = int(np.prod([f[1] for f in xf]))
+        for f in out:
+            if f is None:
+                continue
+            for s_ in f[0]:
+                if s_ not in syms:
+                    return None
+                syms.remove(s_)
+            known, rem = divmod(known, f[1]) if f[1] else (0, 1)
+            if rem:
+                return None
+        out[infer] = (tuple(syms), known)
+    return None if any(f is None for f in out) else out
+
+
+def _symbolic_blocks(xf: list, yf: list, lead: set = frozenset()) -> list | None:
+    """Blocks of a reshape over axes (symbols, k): each axis is its symbols (major) then its k
+    static units (minor), or the other way round for the axes in `lead` ((side, axis), side 0
+    for x); the symbol sequences must match one to one and the static runs between them have
+    equal products. Returns [(x axes, y axes, the block holds a static part of a non-folded
+    dynamic axis)] for static parts > 1, or None."""
+    def runs(fs, side):
+        seq_syms, out, cur = [], [], []
+        for ax, (syms, k) in enumerate(fs):
+            first = (side, ax) in lead
+            if first and k != 1:
+                cur.append((ax, k))
+            for s_ in syms:
+                seq_syms.append(s_)
+                out.append(cur)
+                cur = []
+            if not first and k != 1:
+                cur.append((ax, k))
+        out.append(cur)
+        return seq_syms, out
+    sa, ra = runs(xf, 0)
+    sb, rb = runs(yf, 1)
+    if sa != sb:
+        return None
+    blocks = []
+    for a, b in zip(ra, rb):
+        if int(np.prod([k for _, k in a])) != int(np.prod([k for _, k in b])):
+            return None
+        i = j = 0
+        while i < len(a) or j < len(b):  # smallest blocks of equal product
+            ba, bb, pa, pb = [a[i][0]], [b[j][0]], a[i][1], b[j][1]
+            i, j = i + 1, j + 1
+            while pa != pb:
+                if pa < pb:
+                    ba.append(a[i][0])
+                    pa *= a[i][1]
+                    i += 1
+                else:
+                    bb.append(b[j][0])
+                    pb *= b[j][1]
+                    j += 1
+            mixed = any((0, ax) in lead for ax in ba) or any((1, ax) in lead for ax in bb)
+            blocks.append((ba, bb, mixed))
+    return blocks
+
+
+def _lead_choices(xf: list, yf: list, folded_x: set):
+    """Which merged axes (symbols and a static factor) take the static factor as the major part:
+    none first, then each combination (a value such as 7*batch does not say its order)."""
+    cands = [(0, ax) for ax, (syms, k) in enumerate(xf) if syms and k > 1 and ax not in folded_x]
+    cands += [(1, ax) for ax, (syms, k) in enumerate(yf) if syms and k > 1]
+    cands = cands[:4]
+    for mask in range(1 << len(cands)):
+        yield {c for i, c in enumerate(cands) if mask >> i & 1}
+
+
+def _bind_symbol(xf: list, yf: list, folded_x: set):
+    """When one symbol appears on one side only, the element counts fix it to a constant (a
+    TorchScript export traces k.view(k.shape[0], ...) as [seq, b, E] -> [7, b*H, D]: the graph
+    runs only with seq = 7). Returns (xf, yf, symbol, value) with it substituted, or None."""
+    from collections import Counter
+
+    ca = Counter(q for syms, _ in xf for q in syms)
+    cb = Counter(q for syms, _ in yf for q in syms)
+    extra = [(0, q) for q in (ca - cb).elements()] + [(1, q) for q in (cb - ca).elements()]
+    if len(extra) != 1:
+        return None
+    side, sym = extra[0]
+    pa, pb = int(np.prod([k for _, k in xf])), int(np.prod([k for _, k in yf]))
+    num, den = (pb, pa) if side == 0 else (pa, pb)
+    if den <= 0 or num % den or num // den < 1:
+        return None
+    value = num // den
+    fs = xf if side == 0 else yf
+    out = []
+    for ax, (syms, k) in enumerate(fs):
+        if sym in syms:
+            if side == 0 and ax in folded_x:
+                return None
+            syms = tuple(q for q in syms if q != sym)
+            k *= value
+        out.append((syms, k))
+    return (out, yf, sym, value) if side == 0 else (xf, out, sym, value)
+
+
 class Reshape(OpRule):
-    """Reshape/Flatten: blocks of equal element count; multi-axis blocks factor channels."""
+    """Reshape/Flatten: blocks of equal element count; multi-axis blocks factor channels.
+
+    An axis that merges dynamic factors (major) with static ones (minor), such as the
+    [batch*heads] axis of torch.nn.MultiheadAttention exports, is a *folded* axis: its
+    elements are the static units, repeated over the dynamic factor (the reshape is then
+    a reshape of the static parts alone, with the symbols kept in place).
+    """
 
     shape_inputs = (1,)
 
@@ -509,16 +690,83 @@ class Reshape(OpRule):
         x, y = ctx.input(0), ctx.output(0)
         if ctx.input(1) is not None:
             ctx.skip(ctx.input(1))
-        blocks, rest_a, rest_b = _blocks(list(ctx.shape(x)), list(ctx.shape(y)))
+        xs, ys = list(ctx.shape(x)), list(ctx.shape(y))
+        blocks, rest_a, rest_b = _blocks(xs, ys)
+        why = self._folded(ctx, x, y, xs, ys) if (rest_a or rest_b) else ""
+        if why is None:
+            return
         for ba, bb in blocks:
             if len(ba) == 1 and len(bb) == 1:
                 ctx.tie(x, ba[0], y, bb[0])
             else:
                 ctx.factor(x, ba, y, bb)
         for k in rest_a:
-            ctx.pin(x, k, "reshape with dynamic axes here")
+            ctx.pin(x, k, f"reshape with dynamic axes here{why}")
         for k in rest_b:
-            ctx.pin(y, k, "reshape with dynamic axes here")
+            ctx.pin(y, k, f"reshape with dynamic axes here{why}")
+
+    @staticmethod
+    def _folded(ctx: RuleContext, x, y, xs: list, ys: list) -> str | None:
+        """Relate the static parts of axes that merge dynamic and static factors; None when done,
+        else why the shapes cannot be described that way (the caller pins the unmatched axes)."""
+        dg = ctx.dg
+        xf = _input_factors(ctx, x, xs)
+        if xf is None:
+            return " (input axis sizes unknown)"
+        yf = _target_factors(ctx, xf, ys)
+        if yf is None:
+            return " (target shape not a product of the input's symbols and constants)"
+        folded_x = {ax for ax in range(len(xs)) if dg.dim(x.name, ax) in dg.dim_fold}
+        bound = None
+        blocks = Reshape._line_up(xf, yf, folded_x)
+        if blocks is None and (bound := _bind_symbol(xf, yf, folded_x)) is not None:
+            xf, yf = bound[0], bound[1]
+            blocks = Reshape._line_up(xf, yf, folded_x)
+        if blocks is None:
+            def show(fs):
+                return "[" + ", ".join("*".join(list(s) + ([str(k)] if k != 1 or not s else [])) for s, k in fs) + "]"
+            return f" ({show(xf)} -> {show(yf)}: dynamic factors do not line up)"
+        blocks, lead = blocks
+        folds = []
+        for side, (t, fs) in enumerate(((x, xf), (y, yf))):
+            for ax, (syms, k) in enumerate(fs):
+                if syms and k > 1 and (side, ax) not in lead:
+                    d = dg.dim(t.name, ax)
+                    if d is None or not dg.fold(d, syms, k, dry=True):
+                        return f" (axis {ax} of {t.name} cannot become a folded axis)"
+                    folds.append((d, syms, k))
+        for d, syms, k in folds:
+            dg.fold(d, syms, k)
+        for ba, bb, mixed in blocks:
+            dims = [dg.dim(x.name, ax) for ax in ba] + [dg.dim(y.name, ax) for ax in bb]
+            if mixed or any(dg.dim_opaque[d] for d in dims):
+                # a static factor merged as the major part of a dynamic axis, or a dynamic axis the
+                # reshape fixes to a constant (bound): no channels
+                why = (f"the reshape fixes {bound[2]} to {bound[3]}" if bound and not mixed
+                       else "static factor merged into a dynamic axis (major part)")
+                for t, axes in ((x, ba), (y, bb)):
+                    for ax in axes:
+                        ctx.pin(t, ax, why)
+            elif len(ba) == 1 and len(bb) == 1:
+                # the static parts are the same elements, whether an axis is folded or not
+                da, db = ctx._dim(x, ba[0]), ctx._dim(y, bb[0])
+                n = dg.dim_size[da]
+                dg.ties.append((da, np.arange(n, dtype=np.int64), db, np.arange(n, dtype=np.int64)))
+            else:
+                ctx.factor(x, ba, y, bb)
+        for t, fs in ((x, xf), (y, yf)):
+            for ax, (syms, k) in enumerate(fs):
+                if syms and k == 1:
+                    ctx.skip(t, ax)  # a purely dynamic axis, pinned as such
+        return None
+
+    @staticmethod
+    def _line_up(xf: list, yf: list, folded_x: set):
+        for lead in _lead_choices(xf, yf, folded_x):
+            blocks = _symbolic_blocks(xf, yf, lead)
+            if blocks is not None:
+                return blocks, lead
+        return None
 
     def rewrite(self, rctx: RewriteContext) -> None:
         node = rctx.node
@@ -526,8 +774,24 @@ class Reshape(OpRule):
             return
         y = node.outputs[0]
         ys = rctx.orig_shape(y)
-        updates = {k: rctx.new_size(y, k) for k in range(len(ys)) if rctx.kept(y, k) is not None}
-        rctx.set_shape_entries(1, updates)
+        changed = [k for k in range(len(ys)) if rctx.kept(y, k) is not None]
+        folded = [k for k in changed if rctx.is_folded(y, k)]
+        updates = {k: rctx.new_size(y, k) for k in changed if k not in folded}
+        ratios = {}
+        if folded:
+            runs = rctx.runs(node.inputs[1]) if rctx.runs is not None else None
+            for k in folded:
+                static = runs is not None and runs[0][k] == runs[1][k]
+                if static and (runs[0][k] == -1 or (runs[0][k] == 0 and not node.attrs.get("allowzero", 0))):
+                    continue  # inferred from the (already smaller) input
+                ratios[k] = (len(rctx.kept(y, k)), rctx.folded[(y.name, k)])
+        if updates and ratios:
+            rctx.set_shape_entries(1, updates)
+            rctx.scale_shape_entries(1, ratios)
+        elif updates:
+            rctx.set_shape_entries(1, updates)
+        else:
+            rctx.scale_shape_entries(1, ratios)
 
 
 class Pad(OpRule):
@@ -624,7 +888,9 @@ class Expand(OpRule):
     def rewrite(self, rctx: RewriteContext) -> None:
         y = rctx.node.outputs[0]
         ys = rctx.orig_shape(y)
-        updates = {k: rctx.new_size(y, k) for k in range(len(ys)) if rctx.kept(y, k) is not None}
+        # a folded axis (dynamic x units) is tied to the input's: entry 1 keeps the input's size
+        updates = {k: 1 if rctx.is_folded(y, k) else rctx.new_size(y, k)
+                   for k in range(len(ys)) if rctx.kept(y, k) is not None}
         rctx.set_shape_entries(1, updates)
 
 
