@@ -22,7 +22,7 @@ def require_onnxruntime():
 def session(model: onnx.ModelProto | str, threads: int = 0, optimize: bool = True):
     ort = require_onnxruntime()
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors come back as exceptions; onnxruntime's own log would repeat them
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
