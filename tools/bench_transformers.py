@@ -137,7 +137,9 @@ def markdown(results: list[dict], command: str, seconds: float) -> str:
              "Each model pruned with `graphprune.prune(path, target_flops=R, verify=True)` (l1, round-to 8, "
              "hidden width pinned, whole heads; GQA: a KV head with its query heads). **heads** = heads per "
              "attention layer before→after, in graph order; **MLP/other ch** = channels of the non-head groups "
-             "(MLP hidden width, head-dim of V where dynamo's sdpa folds heads into the batch) before→after; "
+             "(MLP hidden width; in the swin_t TorchScript export also a few head-dimension groups the exporter's run-time "
+             "slices leave separate) before→after; heads folded into the batch axis (nn.MultiheadAttention, dynamo's sdpa) "
+             "count as heads; "
              "**oracle** = mask-equivalence max relative error over batch 1 and 3 (onnxruntime; the verify pass "
              "also runs `onnx.checker` with full shape inference); **pinned** = what `graphprune analyze` pins, "
              "channels per reason.", "",
