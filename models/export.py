@@ -23,7 +23,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import onnx
 import torch
@@ -41,6 +41,7 @@ __all__ = [
     "export_onnx",
     "build_onnx",
     "cache_dir",
+    "cached_copy",
     "main",
 ]
 
@@ -178,21 +179,19 @@ def _source_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def build_onnx(name: str, dynamo: bool, tmpdir: str | os.PathLike[str]) -> str:
-    """Return a private copy of ``name`` exported with the chosen exporter, in ``tmpdir``.
-
-    Exports once per (name, exporter, source version) into the cache; concurrent
-    writers each export to a temp file and ``os.replace`` it into place.
-    """
-    kind = exporter_name(dynamo)
+def cached_copy(name: str, kind: str, digest: str, export: Callable[[str], object],
+                tmpdir: str | os.PathLike[str]) -> str:
+    """A private copy, in ``tmpdir``, of ``name`` exported by ``export(path)`` once per
+    (name, exporter kind, source digest) into the cache; concurrent writers each export to a
+    temp file and ``os.replace`` it into place."""
     cdir = cache_dir()
     cdir.mkdir(parents=True, exist_ok=True)
-    cached = cdir / f"{name}.{kind}.{_source_digest()}.onnx"
+    cached = cdir / f"{name}.{kind}.{digest}.onnx"
     if not cached.exists():
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.{kind}.", suffix=".onnx.tmp", dir=cdir)
         os.close(fd)
         try:
-            export_onnx(name, tmp, dynamo=dynamo)
+            export(tmp)
             os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared
             os.replace(tmp, cached)
         finally:
@@ -202,6 +201,13 @@ def build_onnx(name: str, dynamo: bool, tmpdir: str | os.PathLike[str]) -> str:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cached, dest)
     return os.fspath(dest)
+
+
+def build_onnx(name: str, dynamo: bool, tmpdir: str | os.PathLike[str]) -> str:
+    """Return a private copy of ``name`` exported with the chosen exporter, in ``tmpdir``
+    (exported once per (name, exporter, source version); see :func:`cached_copy`)."""
+    return cached_copy(name, exporter_name(dynamo), _source_digest(),
+                       lambda path: export_onnx(name, path, dynamo=dynamo), tmpdir)
 
 
 # --------------------------------------------------------------------------- CLI

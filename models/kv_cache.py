@@ -24,8 +24,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.export import DYNAMO_OPSET, TORCHSCRIPT_OPSET, _quiet, cache_dir, exporter_name
+from models.export import DYNAMO_OPSET, TORCHSCRIPT_OPSET, _quiet, cached_copy, exporter_name
 from models.transformer import RMSNorm, _randomize_norms, repeat_kv, rotate_half
 
 __all__ = ["KV_MODELS", "KVDecoder", "kv_mha", "kv_gqa", "hf_llama_kv", "kv_input_names", "kv_output_names",
@@ -211,24 +209,8 @@ def build_kv_onnx(name: str, dynamo: bool, tmpdir: "str | os.PathLike") -> str:
 
     h = hashlib.sha256(Path(__file__).read_bytes())
     h.update(f"{torch.__version__}|{onnx.__version__}".encode())
-    kind = exporter_name(dynamo)
-    cdir = cache_dir()
-    cdir.mkdir(parents=True, exist_ok=True)
-    cached = cdir / f"{name}.{kind}.{h.hexdigest()[:16]}.onnx"
-    if not cached.exists():
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.{kind}.", suffix=".onnx.tmp", dir=cdir)
-        os.close(fd)
-        try:
-            export_kv_onnx(name, tmp, dynamo=dynamo)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, cached)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    dest = Path(tmpdir) / f"{name}.{kind}.onnx"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(cached, dest)
-    return os.fspath(dest)
+    return cached_copy(name, exporter_name(dynamo), h.hexdigest()[:16],
+                       lambda path: export_kv_onnx(name, path, dynamo=dynamo), tmpdir)
 
 
 # --------------------------------------------------------------------------- transformers

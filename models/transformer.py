@@ -37,9 +37,7 @@ import hashlib
 import io
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.export import DYNAMO_OPSET, TORCHSCRIPT_OPSET, _quiet, cache_dir, exporter_name
+from models.export import DYNAMO_OPSET, TORCHSCRIPT_OPSET, _quiet, cached_copy, exporter_name
 
 __all__ = [
     "TRANSFORMER_MODELS",
@@ -839,24 +837,8 @@ def build_transformer_onnx(name: str, dynamo: bool, tmpdir: str | os.PathLike[st
         raise UnsupportedExportError(
             f"{name} cannot be exported with the {exporter_name(dynamo)} exporter: {reason}"
         )
-    kind = exporter_name(dynamo)
-    cdir = cache_dir()
-    cdir.mkdir(parents=True, exist_ok=True)
-    cached = cdir / f"{name}.{kind}.{_source_digest()}.onnx"
-    if not cached.exists():
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.{kind}.", suffix=".onnx.tmp", dir=cdir)
-        os.close(fd)
-        try:
-            export_transformer_onnx(name, tmp, dynamo=dynamo)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared
-            os.replace(tmp, cached)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    dest = Path(tmpdir) / f"{name}.{kind}.onnx"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(cached, dest)
-    return os.fspath(dest)
+    return cached_copy(name, exporter_name(dynamo), _source_digest(),
+                       lambda path: export_transformer_onnx(name, path, dynamo=dynamo), tmpdir)
 
 
 # --------------------------------------------------------------------------- CLI
