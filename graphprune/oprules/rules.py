@@ -943,6 +943,29 @@ class Gather(OpRule):
             ctx.tie(idx, k, y, axis + k)
 
 
+class Tile(OpRule):
+    """Tile: output axis k holds reps[k] copies of input axis k, so output element j is input
+    element j mod n. Removing an input element removes it from every copy and the repeat count
+    stays valid; the repeats input needs no rewrite."""
+
+    shape_inputs = (1,)
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, reps, y = ctx.input(0), ctx.input(1), ctx.output(0)
+        ctx.skip(reps)
+        xs = ctx.shape(x)
+        rv = ctx.value(reps)
+        if rv is None or len(np.atleast_1d(rv)) != len(xs):
+            ctx.pin_all("repeats computed at run time")
+            return
+        for k, rep in enumerate(np.atleast_1d(rv).tolist()):
+            if int(rep) == 1:
+                ctx.tie(x, k, y, k)
+            elif isinstance(xs[k], int) and int(rep) > 1:
+                j = np.arange(xs[k] * int(rep))
+                ctx.tie(x, k, y, k, j % xs[k], j)
+
+
 def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
     for op in UNARY_OPS:
         reg.register(op, Unary())
@@ -978,4 +1001,5 @@ def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
     reg.register("LayerNormalization", LayerNorm())
     reg.register("RMSNormalization", LayerNorm())
     reg.register("Gather", Gather())
+    reg.register("Tile", Tile())
     return reg

@@ -1,0 +1,43 @@
+"""Regressions found by the robustness sweep over models graphprune had not seen before
+(torchvision, transformers and hand-built graphs at several opsets and exporters)."""
+from __future__ import annotations
+
+import graphprune
+
+from conftest import assert_oracle
+from test_oprules import build, group_sizes, i64, sandwich
+
+PRUNE = dict(target_flops=0.6, round_to=1)
+
+
+# -- Tile: output element j of a tiled axis is input element j mod n -----------------------------
+
+def test_tile_identity_repeats_keep_channels_prunable():
+    model = sandwich("m = Tile (h, rep)", {"rep": i64(1, 1, 1, 1)})
+    assert group_sizes(model) == [8]
+    assert_oracle(model, **PRUNE)
+
+
+def test_tile_on_channel_axis_prunes_every_copy():
+    # 8 channels tiled twice -> 16; the consumer sees channel c at c and c + 8
+    model = sandwich("m = Tile (h, rep)", {"rep": i64(1, 2, 1, 1)}, mid_c=16)
+    assert group_sizes(model) == [8]
+    result = assert_oracle(model, **PRUNE)
+    w2 = {i.name: i for i in result.model.graph.initializer}["W2"]
+    w1 = {i.name: i for i in result.model.graph.initializer}["W1"]
+    assert w2.dims[1] == 2 * w1.dims[0] < 16
+
+
+def test_tile_on_spatial_axes_ties_channels():
+    model = sandwich("t = Tile (h, rep)\n  m = MaxPool <kernel_shape=[2,2], strides=[2,2]> (t)",
+                     {"rep": i64(1, 1, 2, 2)})
+    assert group_sizes(model) == [8]
+    assert_oracle(model, **PRUNE)
+
+
+def test_tile_with_runtime_repeats_pins_with_reason():
+    body = "  h = Conv <pads=[1,1,1,1]> (x, W1, B1)\n  m = Tile (h, r)\n  y = Conv (m, W2, B2)"
+    model = build(body, {"W1": (8, 3, 3, 3), "B1": (8,), "W2": (4, 8, 1, 1), "B2": (4,)},
+                  x="float[N,3,8,8] x, int64[4] r", y="float[N,4,A,B] y")
+    reasons = {p.reason for p in graphprune.analyze(model).pinned}
+    assert any("repeats computed at run time" in r for r in reasons), reasons
