@@ -41,3 +41,37 @@ def test_tile_with_runtime_repeats_pins_with_reason():
                   x="float[N,3,8,8] x, int64[4] r", y="float[N,4,A,B] y")
     reasons = {p.reason for p in graphprune.analyze(model).pinned}
     assert any("repeats computed at run time" in r for r in reasons), reasons
+
+
+# -- Gather with a constant index list on an activation's axis: a channel selection ---------------
+
+def _weights(result):
+    return {i.name: tuple(i.dims) for i in result.model.graph.initializer}
+
+
+def test_gather_channel_permutation_is_prunable():
+    model = sandwich("m = Gather <axis=1> (h, idx)", {"idx": i64(0, 2, 4, 6, 1, 3, 5, 7)})
+    assert group_sizes(model) == [8]
+    result = assert_oracle(model, **PRUNE)
+    assert _weights(result)["W1"][0] == _weights(result)["W2"][1] < 8
+
+
+def test_gather_channel_subset_with_repeats_and_negative_indices():
+    # channels 1, 2, 4, 6 are never read: they form their own group (removing them is free)
+    model = sandwich("m = Gather <axis=1> (h, idx)", {"idx": i64(7, 0, 0, 3, -1, 5)}, mid_c=6)
+    assert group_sizes(model) == [4, 4]
+    assert_oracle(model, **PRUNE)
+
+
+def test_gather_negative_axis_and_spatial_selection():
+    assert_oracle(sandwich("m = Gather <axis=-3> (h, idx)", {"idx": i64(1, 0, 3, 2, 5, 4, 7, 6)}), **PRUNE)
+    model = sandwich("g = Gather <axis=2> (h, idx)\n  m = Gather <axis=3> (g, idx)", {"idx": i64(7, 6, 5, 4, 3, 2, 1, 0)})
+    assert group_sizes(model) == [8]
+    assert_oracle(model, **PRUNE)
+
+
+def test_gather_runtime_indices_on_channel_axis_stay_pinned():
+    body = "  h = Conv <pads=[1,1,1,1]> (x, W1, B1)\n  m = Gather <axis=1> (h, r)\n  y = Conv (m, W2, B2)"
+    model = build(body, {"W1": (8, 3, 3, 3), "B1": (8,), "W2": (4, 8, 1, 1), "B2": (4,)},
+                  x="float[N,3,8,8] x, int64[8] r", y="float[N,4,8,8] y")
+    assert not graphprune.analyze(model).groups

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
 
@@ -926,12 +927,37 @@ class LayerNorm(OpRule):
 
 
 class Gather(OpRule):
-    """Gather: an embedding lookup (axis 0) keeps the table's other axes as channels."""
+    """Gather: an embedding lookup (axis 0) keeps the table's other axes as channels.
+
+    A constant 1-D index list on an activation's axis selects (and may reorder or repeat)
+    elements: output element j is input element idx[j]. Removing an input element removes
+    the output elements that copy it, and the rewrite renumbers the kept indices."""
+
+    def _selection(self, ctx, data, idx, axis):
+        if ctx.is_const(data) or not ctx.is_const(idx):
+            return None
+        v = ctx.value(idx)
+        n = ctx.shape(data)[axis]
+        if v is None or np.ndim(v) != 1 or not isinstance(n, int) or len(v) == 0:
+            return None
+        v = np.asarray(v, dtype=np.int64)
+        if v.min() < -n or v.max() >= n:
+            return None
+        return v % n
 
     def analyze(self, ctx: RuleContext) -> None:
         data, idx, y = ctx.input(0), ctx.input(1), ctx.output(0)
         ds, is_ = ctx.shape(data), ctx.shape(idx)
         axis = int(ctx.attrs.get("axis", 0)) % len(ds)
+        sel = self._selection(ctx, data, idx, axis)
+        if sel is not None:
+            ctx.skip(idx)
+            for k in range(len(ds)):
+                if k == axis:
+                    ctx.tie(data, k, y, k, sel, np.arange(len(sel)))
+                else:
+                    ctx.tie(data, k, y, k)
+            return
         for k in range(len(ds)):
             if k < axis:
                 ctx.tie(data, k, y, k)
@@ -941,6 +967,29 @@ class Gather(OpRule):
                     ctx.role(data, k, ROLE_PARAM)
         for k in range(len(is_)):
             ctx.tie(idx, k, y, axis + k)
+
+    def rewrite(self, rctx: RewriteContext) -> None:
+        node = rctx.node
+        data, idx, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        if isinstance(data, gs.Constant) or not isinstance(idx, gs.Constant):
+            return
+        v = rctx.value(idx)
+        shape = rctx.orig_shape(data)
+        if v is None or np.ndim(v) != 1 or shape is None:
+            return
+        axis = int(node.attrs.get("axis", 0)) % len(shape)
+        kd, ky = rctx.kept(data, axis), rctx.kept(y, axis)
+        if kd is None and ky is None:
+            return
+        n = shape[axis]
+        v = np.asarray(v, dtype=np.int64) % n
+        rows = v if ky is None else v[np.asarray(ky)]
+        pos = np.full(n, -1, dtype=np.int64)
+        keep = np.arange(n) if kd is None else np.asarray(kd)
+        pos[keep] = np.arange(len(keep))
+        new = pos[rows]
+        assert (new >= 0).all(), "Gather selects a removed element"
+        node.inputs[1] = rctx.constant(new.astype(np.asarray(idx.values).dtype), "indices")
 
 
 class Tile(OpRule):
