@@ -2,6 +2,8 @@
 (torchvision, transformers and hand-built graphs at several opsets and exporters)."""
 from __future__ import annotations
 
+import onnx
+
 import graphprune
 
 from conftest import assert_oracle
@@ -75,3 +77,49 @@ def test_gather_runtime_indices_on_channel_axis_stay_pinned():
     model = build(body, {"W1": (8, 3, 3, 3), "B1": (8,), "W2": (4, 8, 1, 1), "B2": (4,)},
                   x="float[N,3,8,8] x, int64[8] r", y="float[N,4,8,8] y")
     assert not graphprune.analyze(model).groups
+
+
+# -- DepthToSpace / SpaceToDepth (pixel shuffle): a channel owns a block of bs*bs channels ---------
+
+def _width(model):
+    return [(g.size, g.width) for g in graphprune.analyze(model).groups]
+
+
+def test_depth_to_space_dcr_and_crd_prune_whole_blocks():
+    for mode in ("DCR", "CRD"):
+        model = sandwich(f'm = DepthToSpace <blocksize=2, mode="{mode}"> (h)', c=16, mid_c=4, out_hw=16)
+        assert _width(model) == [(4, 4)], mode  # 4 output channels, each 4 input channels
+        result = assert_oracle(model, **PRUNE)
+        assert _weights(result)["W1"][0] == 4 * _weights(result)["W2"][1] < 16
+
+
+def test_space_to_depth_and_round_trips():
+    model = sandwich("m = SpaceToDepth <blocksize=2> (h)", mid_c=32, out_hw=4)
+    assert _width(model) == [(8, 1)]
+    assert_oracle(model, **PRUNE)
+    assert_oracle(sandwich("d = SpaceToDepth <blocksize=2> (h)\n  m = DepthToSpace <blocksize=2> (d)"), **PRUNE)
+    assert_oracle(sandwich('d = DepthToSpace <blocksize=2, mode="CRD"> (h)\n  m = SpaceToDepth <blocksize=2> (d)',
+                           c=16, mid_c=16), **PRUNE)
+
+
+def test_torch_pixel_shuffle_export_prunes(tmp_path):
+    import torch
+    from models.export import export_onnx
+
+    class SubPixel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Conv2d(3, 32, 3, padding=1)
+            self.up = torch.nn.PixelShuffle(2)      # 32 -> 8 channels at 2x resolution
+            self.head = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.up(self.body(x))))
+
+    torch.manual_seed(0)
+    path = export_onnx(SubPixel(), tmp_path / "subpixel.onnx", dynamo=False, input_shape=(1, 3, 8, 8), opset=13)
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert "DepthToSpace" in ops
+    groups = graphprune.analyze(path).groups
+    assert [(g.size, g.width) for g in groups] == [(8, 4)]
+    assert_oracle(path, **PRUNE)

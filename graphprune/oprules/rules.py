@@ -1015,6 +1015,31 @@ class Tile(OpRule):
                 ctx.tie(x, k, y, k, j % xs[k], j)
 
 
+class DepthToSpace(OpRule):
+    """DepthToSpace / SpaceToDepth (pixel shuffle): each of the C small-side channels owns
+    bs*bs big-side channels, at b*C + c (DCR, and SpaceToDepth) or c*bs*bs + b (CRD).
+    Removing a channel removes its whole block on the other side; the layout of the kept
+    channels stays the same, so blocksize needs no rewrite. Spatial axes are not channels."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        xs, ys = ctx.shape(x), ctx.shape(y)
+        bs = int(ctx.attrs.get("blocksize", 0))
+        ctx.tie(x, 0, y, 0)
+        to_space = ctx.op == "DepthToSpace"
+        big, small = (x, y) if to_space else (y, x)
+        c = (ys if to_space else xs)[1]
+        if bs < 1 or not isinstance(c, int) or len(xs) != 4:
+            ctx.pin_all("channel count or blocksize unknown")
+            return
+        mode = ctx.attrs.get("mode", "DCR")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        b, ch = np.meshgrid(np.arange(bs * bs), np.arange(c), indexing="ij")
+        b, ch = b.ravel(), ch.ravel()
+        big_idx = ch * bs * bs + b if (to_space and mode == "CRD") else b * c + ch
+        ctx.tie(big, 1, small, 1, big_idx, ch)
+
+
 def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
     for op in UNARY_OPS:
         reg.register(op, Unary())
@@ -1051,4 +1076,6 @@ def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
     reg.register("RMSNormalization", LayerNorm())
     reg.register("Gather", Gather())
     reg.register("Tile", Tile())
+    reg.register("DepthToSpace", DepthToSpace())
+    reg.register("SpaceToDepth", DepthToSpace())
     return reg
