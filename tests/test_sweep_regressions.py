@@ -123,3 +123,45 @@ def test_torch_pixel_shuffle_export_prunes(tmp_path):
     groups = graphprune.analyze(path).groups
     assert [(g.size, g.width) for g in groups] == [(8, 4)]
     assert_oracle(path, **PRUNE)
+
+
+# -- Slice with a step other than 1 on a channel axis (x[:, ::2], x.flip(1) as a slice) ------------
+
+def _strided(st, en, sp, mid_c):
+    extra = {"st": i64(st), "en": i64(en), "ax": i64(1), "sp": i64(sp)}
+    return sandwich("m = Slice (h, st, en, ax, sp)", extra, c=16, mid_c=mid_c, opset=13)
+
+
+def test_strided_channel_slice_is_prunable():
+    model = _strided(0, 16, 2, 8)
+    # the even channels feed the consumer; the odd ones are never read (their own group)
+    assert _width(model) == [(8, 1), (8, 1)]
+    result = assert_oracle(model, **PRUNE)
+    assert "Gather" in {n.op_type for n in result.model.graph.node}  # kept elements are no longer evenly spaced
+
+
+def test_reversed_and_offset_strided_slices():
+    assert _width(_strided(-1, -9223372036854775807, -1, 16)) == [(16, 1)]
+    assert_oracle(_strided(-1, -9223372036854775807, -1, 16), **PRUNE)
+    assert sorted(g.size for g in graphprune.analyze(_strided(1, 100, 3, 5)).groups) == [5, 11]
+    assert_oracle(_strided(1, 100, 3, 5), **PRUNE)
+
+
+def test_torch_strided_channel_slice_export(tmp_path):
+    import torch
+    from models.export import export_onnx
+
+    class EveryOther(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 32, 3, padding=1)
+            self.c2 = torch.nn.Conv2d(16, 8, 1)
+
+        def forward(self, x):
+            return self.c2(torch.relu(self.c1(x))[:, ::2])
+
+    torch.manual_seed(0)
+    for dynamo in (False, True):
+        path = export_onnx(EveryOther(), tmp_path / f"strided{dynamo}.onnx", dynamo=dynamo, input_shape=(1, 3, 8, 8))
+        report = assert_oracle(path, target_flops=0.5).report
+        assert 0.48 * report["macs_before"] <= report["macs_after"] <= 0.5 * report["macs_before"]

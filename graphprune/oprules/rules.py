@@ -370,7 +370,7 @@ class Slice(OpRule):
                 continue
             s, e, st = sliced[k]
             n = xs[k]
-            if not isinstance(n, int) or st != 1:
+            if not isinstance(n, int) or st == 0:
                 continue  # left untouched: pinned
             idx = np.arange(n)[slice(s, e, st)]
             if len(idx):
@@ -396,11 +396,30 @@ class Slice(OpRule):
             ends = np.asarray(rctx.value(node.inputs[2])).tolist()
             has_axes = len(node.inputs) > 3 and node.inputs[3].name
             axes = np.asarray(rctx.value(node.inputs[3])).tolist() if has_axes else list(range(len(starts)))
+        has_steps = rctx.graph_opset >= 10 and len(node.inputs) > 4 and node.inputs[4].name
+        steps = rctx.value(node.inputs[4]) if has_steps else None
+        has_steps = steps is not None
+        steps = np.asarray(steps).tolist() if has_steps else [1] * len(starts)
         for i, a in enumerate(axes):
             k = int(a) % r
             if k not in changed:
                 continue
             n = xs[k]
+            if int(steps[i]) != 1:
+                # the kept elements of a strided slice are no longer evenly spaced: select them
+                # with a Gather (in slice order) and let the Slice pass that axis whole
+                idx = np.arange(n)[slice(int(starts[i]), int(ends[i]), int(steps[i]))]
+                pos = np.full(n, -1, dtype=np.int64)
+                pos[changed[k]] = np.arange(len(changed[k]))
+                sel = pos[idx]
+                sel = sel[sel >= 0]
+                base = node.name or node.op
+                g = gs.Variable(rctx._namer(f"{base}_select"), dtype=x.dtype)
+                rctx.graph.nodes.append(gs.Node("Gather", name=rctx._namer(f"{base}_gather"), attrs={"axis": k},
+                                                inputs=[node.inputs[0], rctx.constant(sel, "select")], outputs=[g]))
+                node.inputs[0] = g
+                starts[i], ends[i], steps[i] = 0, len(sel), 1
+                continue
             idx = np.arange(n)[slice(int(starts[i]), int(ends[i]), 1)]
             kept = changed[k]
             lo = int(np.searchsorted(kept, idx[0])) if len(idx) else 0
@@ -411,6 +430,9 @@ class Slice(OpRule):
         else:
             node.inputs[1] = rctx.constant(np.array(starts, dtype=np.asarray(rctx.value(node.inputs[1])).dtype), "starts")
             node.inputs[2] = rctx.constant(np.array(ends, dtype=np.asarray(rctx.value(node.inputs[2])).dtype), "ends")
+            if has_steps:
+                node.inputs[4] = rctx.constant(np.array(steps, dtype=np.asarray(rctx.value(node.inputs[4])).dtype),
+                                               "steps")
 
 
 def _squeeze_axes(ctx, r_in, r_out, squeeze: bool):
