@@ -165,3 +165,48 @@ def test_torch_strided_channel_slice_export(tmp_path):
         path = export_onnx(EveryOther(), tmp_path / f"strided{dynamo}.onnx", dynamo=dynamo, input_shape=(1, 3, 8, 8))
         report = assert_oracle(path, target_flops=0.5).report
         assert 0.48 * report["macs_before"] <= report["macs_after"] <= 0.5 * report["macs_before"]
+
+
+# -- Einsum: same label, same elements -----------------------------------------------------------
+
+def test_einsum_as_pointwise_conv_and_channel_scale():
+    model = sandwich('m = Einsum <equation="nchw,dc->ndhw"> (h, We)', {"We": (6, 8)}, mid_c=6)
+    assert sorted(_width(model)) == [(6, 1), (8, 1)]
+    result = assert_oracle(model, **PRUNE)
+    assert _weights(result)["We"][1] == _weights(result)["W1"][0]
+    assert _weights(result)["We"][0] == _weights(result)["W2"][1]
+    assert_oracle(sandwich('m = Einsum <equation="nchw,c->nchw"> (h, s)', {"s": (8,)}), **PRUNE)
+
+
+def test_einsum_sum_within_one_operand_and_ellipsis_pin():
+    summed = sandwich('s = Einsum <equation="nchw->nhw"> (h)\n  u = Unsqueeze (s, a)\n  m = Mul (h, u)',
+                      {"a": i64(1)}, opset=13)
+    assert not graphprune.analyze(summed).groups
+    assert "sums this axis" in " ".join(p.reason for p in graphprune.analyze(summed).pinned)
+    ellipsis = sandwich('m = Einsum <equation="...chw,dc->...dhw"> (h, We)', {"We": (6, 8)}, mid_c=6)
+    assert not graphprune.analyze(ellipsis).groups
+
+
+def test_torch_einsum_attention_prunes_whole_heads(tmp_path):
+    import torch
+    from models.export import export_onnx
+
+    class EinsumAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Conv2d(3, 32, 4, stride=4)
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(32, 32) for _ in range(4))
+
+        def forward(self, x):
+            t = self.inp(x).flatten(2).transpose(1, 2)
+            b, n, _ = t.shape
+            q, k, v = (f(t).view(b, n, 4, 8) for f in (self.q, self.k, self.v))
+            a = torch.einsum("bnhd,bmhd->bhnm", q, k).softmax(-1)
+            return self.o(torch.einsum("bhnm,bmhd->bnhd", a, v).reshape(b, n, 32))
+
+    torch.manual_seed(0)
+    path = export_onnx(EinsumAttention(), tmp_path / "einsum.onnx", dynamo=False, input_shape=(1, 3, 16, 16))
+    assert "Einsum" in {n.op_type for n in onnx.load(path).graph.node}
+    assert (4, 8) in _width(path)  # 4 heads of 8, across q, k, v and o
+    for head_dim in (False, True):
+        assert_oracle(path, target_flops=0.5, head_dim=head_dim)

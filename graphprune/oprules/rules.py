@@ -1062,6 +1062,56 @@ class DepthToSpace(OpRule):
         ctx.tie(big, 1, small, 1, big_idx, ch)
 
 
+class Einsum(OpRule):
+    """Einsum: axes with the same label hold the same elements. A label in the output ties its
+    input axes to the output axis; a label summed over two or more operands is a contraction
+    (pruned like MatMul's K; between two activations only under head_dim); a label summed
+    in one operand only is a reduction (pinned). Ellipses and repeated labels pin."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        eq = ctx.attrs.get("equation", "")
+        eq = (eq.decode() if isinstance(eq, bytes) else str(eq)).replace(" ", "")
+        ins = [t for t in ctx.node.inputs]
+        y = ctx.output(0)
+        lhs, _, rhs = eq.partition("->")
+        terms = lhs.split(",")
+        if "." in eq or len(terms) != len(ins) or any(t is None for t in ins):
+            ctx.pin_all("Einsum with an ellipsis or operands the rule does not follow")
+            return
+        if "->" not in eq:
+            letters = "".join(terms)
+            rhs = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+        if any(len(set(t)) != len(t) for t in terms + [rhs]) or \
+                any(len(t) != len(ctx.shape(x)) for t, x in zip(terms, ins)) or len(rhs) != len(ctx.shape(y)):
+            ctx.pin_all("Einsum with repeated labels (a diagonal) or ranks that do not match")
+            return
+        where: dict = {}
+        for x, term in zip(ins, terms):
+            for k, c in enumerate(term):
+                where.setdefault(c, []).append((x, k))
+        for c, occ in where.items():
+            if c in rhs:
+                j = rhs.index(c)
+                for x, k in occ:
+                    ctx.tie(x, k, y, j)
+                    if ctx.is_const(x):  # a weight's output axis, or a per-channel parameter
+                        contracts = any(d not in rhs for d in terms[ins.index(x)])
+                        ctx.role(x, k, ROLE_OUT if contracts else ROLE_PARAM)
+                continue
+            if len({id(x) for x, _ in occ}) < 2:
+                for x, k in occ:
+                    ctx.pin(x, k, "Einsum sums this axis within one operand")
+                continue
+            x0, k0 = occ[0]
+            for x, k in occ[1:]:
+                ctx.tie(x0, k0, x, k)
+            for x, k in occ:
+                if ctx.is_const(x):
+                    ctx.role(x, k, ROLE_REDUCE)
+            if sum(not ctx.is_const(x) for x, _ in occ) >= 2 and not ctx.policy("head_dim", False):
+                ctx.pin(x0, k0, "contraction between two activations (head dimension: ask for head_dim)")
+
+
 def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
     for op in UNARY_OPS:
         reg.register(op, Unary())
@@ -1099,5 +1149,6 @@ def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
     reg.register("Gather", Gather())
     reg.register("Tile", Tile())
     reg.register("DepthToSpace", DepthToSpace())
+    reg.register("Einsum", Einsum())
     reg.register("SpaceToDepth", DepthToSpace())
     return reg
