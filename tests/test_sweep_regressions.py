@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import onnx
+import pytest
 
 import graphprune
 
@@ -210,3 +211,22 @@ def test_torch_einsum_attention_prunes_whole_heads(tmp_path):
     assert (4, 8) in _width(path)  # 4 heads of 8, across q, k, v and o
     for head_dim in (False, True):
         assert_oracle(path, target_flops=0.5, head_dim=head_dim)
+
+
+# -- an input that itself fails onnx's strict type check (TorchScript's T5 export at opset 11) -----
+
+def test_input_failing_strict_inference_is_not_an_internal_error():
+    # Min on int64 is only allowed from opset 12; onnxruntime runs it, onnx's full check refuses it
+    body = ("  h = Conv <pads=[1,1,1,1]> (x, W1, B1)\n  r = Relu (h)\n  y = Conv (r, W2, B2)\n"
+            "  s = Shape (x)\n  z = Min (s, cap)")
+    model = build(body, {"W1": (8, 3, 3, 3), "B1": (8,), "W2": (4, 8, 1, 1), "B2": (4,), "cap": i64(5, 5, 5, 5)},
+                  opset=11, y="float[N,4,8,8] y, int64[4] z")
+    with pytest.raises(onnx.shape_inference.InferenceError):
+        onnx.checker.check_model(model, full_check=True)
+    # was an internal error (exit 1): the output check let InferenceError through
+    result = graphprune.prune(model, target_flops=0.6, round_to=1)
+    assert any("input model fails onnx.checker too" in w for w in result.report["warnings"])
+    assert result.report["macs_after"] < result.report["macs_before"]
+    # onnxruntime refuses the model too, so the oracle cannot run: bad input, not a crash
+    with pytest.raises(graphprune.errors.BadInputError, match="original model itself does not run"):
+        graphprune.prune(model, target_flops=0.6, round_to=1, verify=True)
