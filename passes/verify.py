@@ -9,6 +9,9 @@ from graphprune.pipeline import Pass, PassResult, PruneContext
 
 __all__ = ["VerifyPass"]
 
+# full_check raises ValidationError for structure and InferenceError for types and shapes
+_CHECK_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
+
 
 class VerifyPass(Pass):
     name = "verify"
@@ -18,11 +21,11 @@ class VerifyPass(Pass):
         if proto.ByteSize() < 2**31 - 1:
             try:  # weights declared as inputs: the same checks without serializing every weight
                 onnx.checker.check_model(_without_big_weights(proto)[0], full_check=True)
-            except onnx.checker.ValidationError as exc:
+            except _CHECK_ERRORS as exc:
                 # a defect the input already had is reported, not blamed on the rewrite
                 try:
                     onnx.checker.check_model(_without_big_weights(ctx.original.to_proto())[0], full_check=True)
-                except onnx.checker.ValidationError as orig_exc:
+                except _CHECK_ERRORS as orig_exc:
                     ctx.report.setdefault("warnings", []).append(
                         f"the input model fails onnx.checker too: {str(orig_exc).splitlines()[0]}")
                 else:

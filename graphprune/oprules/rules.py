@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
 
@@ -369,7 +370,7 @@ class Slice(OpRule):
                 continue
             s, e, st = sliced[k]
             n = xs[k]
-            if not isinstance(n, int) or st != 1:
+            if not isinstance(n, int) or st == 0:
                 continue  # left untouched: pinned
             idx = np.arange(n)[slice(s, e, st)]
             if len(idx):
@@ -395,11 +396,30 @@ class Slice(OpRule):
             ends = np.asarray(rctx.value(node.inputs[2])).tolist()
             has_axes = len(node.inputs) > 3 and node.inputs[3].name
             axes = np.asarray(rctx.value(node.inputs[3])).tolist() if has_axes else list(range(len(starts)))
+        has_steps = rctx.graph_opset >= 10 and len(node.inputs) > 4 and node.inputs[4].name
+        steps = rctx.value(node.inputs[4]) if has_steps else None
+        has_steps = steps is not None
+        steps = np.asarray(steps).tolist() if has_steps else [1] * len(starts)
         for i, a in enumerate(axes):
             k = int(a) % r
             if k not in changed:
                 continue
             n = xs[k]
+            if int(steps[i]) != 1:
+                # the kept elements of a strided slice are no longer evenly spaced: select them
+                # with a Gather (in slice order) and let the Slice pass that axis whole
+                idx = np.arange(n)[slice(int(starts[i]), int(ends[i]), int(steps[i]))]
+                pos = np.full(n, -1, dtype=np.int64)
+                pos[changed[k]] = np.arange(len(changed[k]))
+                sel = pos[idx]
+                sel = sel[sel >= 0]
+                base = node.name or node.op
+                g = gs.Variable(rctx._namer(f"{base}_select"), dtype=x.dtype)
+                rctx.graph.nodes.append(gs.Node("Gather", name=rctx._namer(f"{base}_gather"), attrs={"axis": k},
+                                                inputs=[node.inputs[0], rctx.constant(sel, "select")], outputs=[g]))
+                node.inputs[0] = g
+                starts[i], ends[i], steps[i] = 0, len(sel), 1
+                continue
             idx = np.arange(n)[slice(int(starts[i]), int(ends[i]), 1)]
             kept = changed[k]
             lo = int(np.searchsorted(kept, idx[0])) if len(idx) else 0
@@ -410,6 +430,9 @@ class Slice(OpRule):
         else:
             node.inputs[1] = rctx.constant(np.array(starts, dtype=np.asarray(rctx.value(node.inputs[1])).dtype), "starts")
             node.inputs[2] = rctx.constant(np.array(ends, dtype=np.asarray(rctx.value(node.inputs[2])).dtype), "ends")
+            if has_steps:
+                node.inputs[4] = rctx.constant(np.array(steps, dtype=np.asarray(rctx.value(node.inputs[4])).dtype),
+                                               "steps")
 
 
 def _squeeze_axes(ctx, r_in, r_out, squeeze: bool):
@@ -926,12 +949,37 @@ class LayerNorm(OpRule):
 
 
 class Gather(OpRule):
-    """Gather: an embedding lookup (axis 0) keeps the table's other axes as channels."""
+    """Gather: an embedding lookup (axis 0) keeps the table's other axes as channels.
+
+    A constant 1-D index list on an activation's axis selects (and may reorder or repeat)
+    elements: output element j is input element idx[j]. Removing an input element removes
+    the output elements that copy it, and the rewrite renumbers the kept indices."""
+
+    def _selection(self, ctx, data, idx, axis):
+        if ctx.is_const(data) or not ctx.is_const(idx):
+            return None
+        v = ctx.value(idx)
+        n = ctx.shape(data)[axis]
+        if v is None or np.ndim(v) != 1 or not isinstance(n, int) or len(v) == 0:
+            return None
+        v = np.asarray(v, dtype=np.int64)
+        if v.min() < -n or v.max() >= n:
+            return None
+        return v % n
 
     def analyze(self, ctx: RuleContext) -> None:
         data, idx, y = ctx.input(0), ctx.input(1), ctx.output(0)
         ds, is_ = ctx.shape(data), ctx.shape(idx)
         axis = int(ctx.attrs.get("axis", 0)) % len(ds)
+        sel = self._selection(ctx, data, idx, axis)
+        if sel is not None:
+            ctx.skip(idx)
+            for k in range(len(ds)):
+                if k == axis:
+                    ctx.tie(data, k, y, k, sel, np.arange(len(sel)))
+                else:
+                    ctx.tie(data, k, y, k)
+            return
         for k in range(len(ds)):
             if k < axis:
                 ctx.tie(data, k, y, k)
@@ -941,6 +989,127 @@ class Gather(OpRule):
                     ctx.role(data, k, ROLE_PARAM)
         for k in range(len(is_)):
             ctx.tie(idx, k, y, axis + k)
+
+    def rewrite(self, rctx: RewriteContext) -> None:
+        node = rctx.node
+        data, idx, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        if isinstance(data, gs.Constant) or not isinstance(idx, gs.Constant):
+            return
+        v = rctx.value(idx)
+        shape = rctx.orig_shape(data)
+        if v is None or np.ndim(v) != 1 or shape is None:
+            return
+        axis = int(node.attrs.get("axis", 0)) % len(shape)
+        kd, ky = rctx.kept(data, axis), rctx.kept(y, axis)
+        if kd is None and ky is None:
+            return
+        n = shape[axis]
+        v = np.asarray(v, dtype=np.int64) % n
+        rows = v if ky is None else v[np.asarray(ky)]
+        pos = np.full(n, -1, dtype=np.int64)
+        keep = np.arange(n) if kd is None else np.asarray(kd)
+        pos[keep] = np.arange(len(keep))
+        new = pos[rows]
+        assert (new >= 0).all(), "Gather selects a removed element"
+        node.inputs[1] = rctx.constant(new.astype(np.asarray(idx.values).dtype), "indices")
+
+
+class Tile(OpRule):
+    """Tile: output axis k holds reps[k] copies of input axis k, so output element j is input
+    element j mod n. Removing an input element removes it from every copy and the repeat count
+    stays valid; the repeats input needs no rewrite."""
+
+    shape_inputs = (1,)
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, reps, y = ctx.input(0), ctx.input(1), ctx.output(0)
+        ctx.skip(reps)
+        xs = ctx.shape(x)
+        rv = ctx.value(reps)
+        if rv is None or len(np.atleast_1d(rv)) != len(xs):
+            ctx.pin_all("repeats computed at run time")
+            return
+        for k, rep in enumerate(np.atleast_1d(rv).tolist()):
+            if int(rep) == 1:
+                ctx.tie(x, k, y, k)
+            elif isinstance(xs[k], int) and int(rep) > 1:
+                j = np.arange(xs[k] * int(rep))
+                ctx.tie(x, k, y, k, j % xs[k], j)
+
+
+class DepthToSpace(OpRule):
+    """DepthToSpace / SpaceToDepth (pixel shuffle): each of the C small-side channels owns
+    bs*bs big-side channels, at b*C + c (DCR, and SpaceToDepth) or c*bs*bs + b (CRD).
+    Removing a channel removes its whole block on the other side; the layout of the kept
+    channels stays the same, so blocksize needs no rewrite. Spatial axes are not channels."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        xs, ys = ctx.shape(x), ctx.shape(y)
+        bs = int(ctx.attrs.get("blocksize", 0))
+        ctx.tie(x, 0, y, 0)
+        to_space = ctx.op == "DepthToSpace"
+        big, small = (x, y) if to_space else (y, x)
+        c = (ys if to_space else xs)[1]
+        if bs < 1 or not isinstance(c, int) or len(xs) != 4:
+            ctx.pin_all("channel count or blocksize unknown")
+            return
+        mode = ctx.attrs.get("mode", "DCR")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        b, ch = np.meshgrid(np.arange(bs * bs), np.arange(c), indexing="ij")
+        b, ch = b.ravel(), ch.ravel()
+        big_idx = ch * bs * bs + b if (to_space and mode == "CRD") else b * c + ch
+        ctx.tie(big, 1, small, 1, big_idx, ch)
+
+
+class Einsum(OpRule):
+    """Einsum: axes with the same label hold the same elements. A label in the output ties its
+    input axes to the output axis; a label summed over two or more operands is a contraction
+    (pruned like MatMul's K; between two activations only under head_dim); a label summed
+    in one operand only is a reduction (pinned). Ellipses and repeated labels pin."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        eq = ctx.attrs.get("equation", "")
+        eq = (eq.decode() if isinstance(eq, bytes) else str(eq)).replace(" ", "")
+        ins = [t for t in ctx.node.inputs]
+        y = ctx.output(0)
+        lhs, _, rhs = eq.partition("->")
+        terms = lhs.split(",")
+        if "." in eq or len(terms) != len(ins) or any(t is None for t in ins):
+            ctx.pin_all("Einsum with an ellipsis or operands the rule does not follow")
+            return
+        if "->" not in eq:
+            letters = "".join(terms)
+            rhs = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+        if any(len(set(t)) != len(t) for t in terms + [rhs]) or \
+                any(len(t) != len(ctx.shape(x)) for t, x in zip(terms, ins)) or len(rhs) != len(ctx.shape(y)):
+            ctx.pin_all("Einsum with repeated labels (a diagonal) or ranks that do not match")
+            return
+        where: dict = {}
+        for x, term in zip(ins, terms):
+            for k, c in enumerate(term):
+                where.setdefault(c, []).append((x, k))
+        for c, occ in where.items():
+            if c in rhs:
+                j = rhs.index(c)
+                for x, k in occ:
+                    ctx.tie(x, k, y, j)
+                    if ctx.is_const(x):  # a weight's output axis, or a per-channel parameter
+                        contracts = any(d not in rhs for d in terms[ins.index(x)])
+                        ctx.role(x, k, ROLE_OUT if contracts else ROLE_PARAM)
+                continue
+            if len({id(x) for x, _ in occ}) < 2:
+                for x, k in occ:
+                    ctx.pin(x, k, "Einsum sums this axis within one operand")
+                continue
+            x0, k0 = occ[0]
+            for x, k in occ[1:]:
+                ctx.tie(x0, k0, x, k)
+            for x, k in occ:
+                if ctx.is_const(x):
+                    ctx.role(x, k, ROLE_REDUCE)
+            if sum(not ctx.is_const(x) for x, _ in occ) >= 2 and not ctx.policy("head_dim", False):
+                ctx.pin(x0, k0, "contraction between two activations (head dimension: ask for head_dim)")
 
 
 def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
@@ -978,4 +1147,8 @@ def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
     reg.register("LayerNormalization", LayerNorm())
     reg.register("RMSNormalization", LayerNorm())
     reg.register("Gather", Gather())
+    reg.register("Tile", Tile())
+    reg.register("DepthToSpace", DepthToSpace())
+    reg.register("Einsum", Einsum())
+    reg.register("SpaceToDepth", DepthToSpace())
     return reg
