@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from .backends import BACKENDS, Backend, select_backend
+from .cli import int_at_least
 from .errors import BadInputError
 from .runtime import synthetic_inputs
 
@@ -193,24 +194,8 @@ def _short(path: str, n: int = 60) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
-    return v
-
-
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
-    return v
+_positive = int_at_least(1)
+_non_negative = int_at_least(0)
 
 
 def add_bench_options(p: argparse.ArgumentParser, prefix: str = "") -> None:

@@ -216,20 +216,26 @@ def photo_crops(n: int, *, split: str = "calib", size: int = 224, seed: int = 0)
     split="calib" draws from every other photo, split="heldout" from the rest, so the
     held-out photos are never seen during calibration.
     """
-    from PIL import Image
-
     photos = _photos()
     names = sorted(photos)
     pick = names[0::2] if split == "calib" else names[1::2]
     rng = np.random.default_rng(seed + (0 if split == "calib" else 1000))
+    return random_crops([photos[k] for k in pick], n, rng, size)
+
+
+def random_crops(images: list, n: int, rng: np.random.Generator, size: int = 224) -> np.ndarray:
+    """`n` crops cycling over `images` (HxWx3 uint8): random side 25-100% of the shorter side
+    (at least 16 px), random position, random horizontal flip, resized to `size`;
+    ImageNet-normalised NCHW float32."""
+    from PIL import Image
+
     mean = np.asarray(IMAGENET_MEAN, np.float32)
     std = np.asarray(IMAGENET_STD, np.float32)
     out = np.empty((n, 3, size, size), np.float32)
     for i in range(n):
-        img = photos[pick[i % len(pick)]]
+        img = images[i % len(images)]
         h, w = img.shape[:2]
-        side = int(min(h, w) * rng.uniform(0.25, 1.0))
-        side = max(side, 16)
+        side = max(int(min(h, w) * rng.uniform(0.25, 1.0)), 16)
         top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
         crop = Image.fromarray(img[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
         a = np.asarray(crop, np.float32) / 255.0

@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:  # models/ is a top-level package of the repositor
 __all__ = [
     "resnet_onnx", "copy_model", "sha256", "listing", "independent_macs", "float_params", "initializer_shapes",
     "relu_model", "conv_to_output_model", "custom_act_model", "constant_weight_model", "custom_relu_rule",
-    "node_weight", "FLOAT_TYPES",
+    "node_weight", "FLOAT_TYPES", "export_getter",
 ]
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -171,3 +171,15 @@ def constant_weight_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])],
         [_weight("w2", (8, 16, 3, 3), 4)])
+
+
+def export_getter(tmp, build, exporters: dict):
+    """`get(name, exporter)`: `build(name, dynamo, tmp)` once per (name, exporter) in a module."""
+    cache = {}
+
+    def get(name, exporter):
+        if (name, exporter) not in cache:
+            cache[(name, exporter)] = build(name, exporters[exporter], str(tmp))
+        return cache[(name, exporter)]
+
+    return get

@@ -22,6 +22,7 @@ from graphprune.runtime import run_model  # noqa: E402
 from graphprune.verify import masked_model  # noqa: E402
 from graphprune.verify_io import compare_sliced, io_slices, slice_arrays  # noqa: E402
 from models.kv_cache import KV_MODELS, build_kv_onnx, kv_example_inputs  # noqa: E402
+from _fixtures import export_getter  # noqa: E402
 
 ORACLE_RTOL = 1e-4
 EXPORTERS = {"torchscript": False, "dynamo": True}
@@ -40,15 +41,7 @@ SIZES = [(1, 3, 0), (3, 2, 7), (2, 1, 5), (3, 4, 0)]
 
 @pytest.fixture(scope="module")
 def kv_path(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("kv")
-    cache = {}
-
-    def get(name, exporter):
-        if (name, exporter) not in cache:
-            cache[(name, exporter)] = build_kv_onnx(name, EXPORTERS[exporter], tmp)
-        return cache[(name, exporter)]
-
-    return get
+    return export_getter(tmp_path_factory.mktemp("kv"), build_kv_onnx, EXPORTERS)
 
 
 @pytest.fixture(scope="module")

@@ -162,6 +162,7 @@ def test_inline_norms_exact_oracle(norm, opset):
 
 torch = pytest.importorskip("torch")
 from models.transformer import build_transformer_onnx, example_inputs  # noqa: E402
+from _fixtures import export_getter  # noqa: E402
 
 EXPORTERS = {"torchscript": False, "dynamo": True}
 SHAPES = [(1, 5), (3, 11)]
@@ -170,15 +171,7 @@ HIDDEN = {"bert_block": 64, "gpt2_block": 64, "llama_block": 128, "vit_block": 6
 
 @pytest.fixture(scope="module")
 def onnx_path(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hidden")
-    cache = {}
-
-    def get(name, exporter):
-        if (name, exporter) not in cache:
-            cache[(name, exporter)] = build_transformer_onnx(name, EXPORTERS[exporter], str(tmp))
-        return cache[(name, exporter)]
-
-    return get
+    return export_getter(tmp_path_factory.mktemp("hidden"), build_transformer_onnx, EXPORTERS)
 
 
 @pytest.mark.parametrize("target", [0.7, 0.5])

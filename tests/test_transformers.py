@@ -16,6 +16,7 @@ from graphprune.verify import compare_outputs, masked_model
 
 pytest.importorskip("torch")
 from models.transformer import MODEL_SPECS, TRANSFORMER_MODELS, build_transformer_onnx, example_inputs  # noqa: E402
+from _fixtures import export_getter  # noqa: E402
 
 try:
     import transformers  # noqa: F401
@@ -34,15 +35,7 @@ HEADS_EXPECTED = {(n, e) for n in MODELS for e in EXPORTERS}
 
 @pytest.fixture(scope="module")
 def onnx_path(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tf")
-    cache = {}
-
-    def get(name, exporter):
-        if (name, exporter) not in cache:
-            cache[(name, exporter)] = build_transformer_onnx(name, EXPORTERS[exporter], str(tmp))
-        return cache[(name, exporter)]
-
-    return get
+    return export_getter(tmp_path_factory.mktemp("tf"), build_transformer_onnx, EXPORTERS)
 
 
 def _oracle(name, result, atol=1e-4):

@@ -86,25 +86,10 @@ def photo_pool() -> dict[str, np.ndarray]:
 def photo_crops(names, n: int, seed: int, size: int = 224) -> np.ndarray:
     """`n` crops cycling over the photos `names`: random side 25-100% of the shorter side,
     random position, random horizontal flip, resized to `size`; ImageNet-normalised NCHW."""
-    from PIL import Image
-
     from models import pretrained as P
 
     pool = photo_pool()
-    rng = np.random.default_rng(seed)
-    mean, std = np.asarray(P.IMAGENET_MEAN, np.float32), np.asarray(P.IMAGENET_STD, np.float32)
-    out = np.empty((n, 3, size, size), np.float32)
-    for i in range(n):
-        img = pool[names[i % len(names)]]
-        h, w = img.shape[:2]
-        side = max(int(min(h, w) * rng.uniform(0.25, 1.0)), 16)
-        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        crop = Image.fromarray(img[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
-        a = np.asarray(crop, np.float32) / 255.0
-        if rng.random() < 0.5:
-            a = a[:, ::-1]
-        out[i] = ((a - mean) / std).transpose(2, 0, 1)
-    return out
+    return P.random_crops([pool[k] for k in names], n, np.random.default_rng(seed), size)
 
 
 def lite0_data(samples: int = LITE0_CALIB_CROPS, heldout: int = LITE0_EVAL_CROPS) -> CalibrationData:
