@@ -1,10 +1,16 @@
-"""Latency backends: TensorRT, onnxruntime CUDA and onnxruntime CPU behind one interface.
+"""Latency backends: TensorRT, onnxruntime CUDA, PyTorch CUDA and onnxruntime CPU behind one interface.
 
 A :class:`Backend` turns a model and its input feeds into a :class:`Session` that runs the
-model and times single runs (milliseconds). TensorRT and onnxruntime's CUDA provider are
-optional and imported lazily: :func:`select_backend` tries the requested backend and falls
-back to the next one (TensorRT -> onnxruntime CUDA -> onnxruntime CPU), recording in one line
-why each skipped backend could not run.
+model and times single runs (milliseconds). TensorRT, onnxruntime's CUDA provider and the
+PyTorch CUDA path are optional and imported lazily: :func:`select_backend` tries the requested
+backend and falls back to the next one (TensorRT -> onnxruntime CUDA -> PyTorch CUDA ->
+onnxruntime CPU), recording in one line why each skipped backend could not run.
+
+The PyTorch CUDA backend (``torch-cuda``) is for GPU machines without TensorRT or
+onnxruntime-gpu: the ONNX graph is converted to a ``torch.fx`` module by ``onnx2torch``,
+moved to the GPU (fp32, or fp16 with `fp16=True`), captured as one CUDA graph where the
+module allows it (so the timing is the kernels', not Python's launch overhead; eager
+otherwise, and the label says which) and timed with CUDA events.
 
 TensorRT engines are built with the TensorRT Python API (explicit batch, one optimisation
 profile covering the dynamic axes: min 1 on the batch axis, opt = max = the benchmark shape,
@@ -23,11 +29,14 @@ import onnx
 from .errors import BadInputError, GraphpruneError
 
 __all__ = ["BACKENDS", "Backend", "BackendUnavailable", "Session", "OrtCpuBackend", "OrtCudaBackend",
-           "TensorRTBackend", "make_backend", "select_backend", "available_backends"]
+           "TensorRTBackend", "TorchCudaBackend", "make_backend", "select_backend", "available_backends"]
 
-BACKENDS = ("trt", "ort-cuda", "ort-cpu")
-_FALLBACK = {"auto": BACKENDS, "trt": BACKENDS, "ort-cuda": ("ort-cuda", "ort-cpu"), "ort-cpu": ("ort-cpu",)}
-_LABELS = {"trt": "TensorRT", "ort-cuda": "onnxruntime CUDA", "ort-cpu": "onnxruntime CPU"}
+BACKENDS = ("trt", "ort-cuda", "torch-cuda", "ort-cpu")
+_FALLBACK = {"auto": BACKENDS, "trt": BACKENDS, "ort-cuda": ("ort-cuda", "torch-cuda", "ort-cpu"),
+             "torch-cuda": ("torch-cuda", "ort-cpu"), "ort-cpu": ("ort-cpu",)}
+_LABELS = {"trt": "TensorRT", "ort-cuda": "onnxruntime CUDA", "torch-cuda": "PyTorch CUDA",
+           "ort-cpu": "onnxruntime CPU"}
+FP16_BACKENDS = ("trt", "torch-cuda")
 _TWO_GB = 2**31 - 1
 
 
@@ -527,9 +536,325 @@ class TensorRTBackend(Backend):
         return _TrtSession(engine, context, cuda, outputs, keep)
 
 
+# --------------------------------------------------------------------------- PyTorch CUDA (onnx2torch)
+
+
+def _import_torch_cuda(device: str):
+    try:
+        import torch
+    except ImportError:
+        raise BackendUnavailable("PyTorch is not installed") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailable(f"PyTorch {torch.__version__} sees no CUDA device")
+    try:
+        import onnx2torch
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or "onnx2torch"
+        raise BackendUnavailable(f"{missing} is not installed: pip install onnx2torch (it needs torchvision)") from None
+    except Exception as exc:  # present but broken
+        raise BackendUnavailable(f"onnx2torch cannot be imported: {type(exc).__name__}: {str(exc)[:200]}") from None
+    _alias_onnx2torch_versions()
+    return torch, onnx2torch
+
+
+_ALIASED = False
+
+
+def _signature(schema) -> tuple:
+    return (tuple(i.name for i in schema.inputs), tuple(o.name for o in schema.outputs),
+            tuple(sorted(schema.attributes)))
+
+
+def _alias_onnx2torch_versions() -> None:
+    """Let onnx2torch convert newer versions of ops whose ONNX signature did not change.
+
+    onnx2torch looks converters up by the op's exact since-version, so e.g. GreaterOrEqual-16 or
+    Where-16 (which only added types) are "not implemented". For each registered op, a later
+    version with the same input, output and attribute names in the ONNX schema reuses the
+    nearest earlier converter; versions whose signature changed (ReduceMean-18's axes input)
+    are left unconverted, and their error names the op.
+    """
+    global _ALIASED
+    if _ALIASED:
+        return
+    _ALIASED = True
+    try:
+        from onnx import defs
+        from onnx2torch.node_converters import registry
+    except ImportError:
+        return
+    table = registry._CONVERTER_REGISTRY
+    history: dict = {}
+    for schema in defs.get_all_schemas_with_history():
+        history.setdefault((schema.domain, schema.name), []).append(schema)
+    for (domain, op), schemas in history.items():
+        known = {d.version: conv for d, conv in table.items() if d.operation_type == op and d.domain == domain}
+        if not known:
+            continue
+        schemas.sort(key=lambda sc: sc.since_version)
+        previous = None  # (schema, converter) of the nearest earlier version that converts
+        for sc in schemas:
+            if sc.since_version in known:
+                previous = (sc, known[sc.since_version])
+            elif previous is not None and _signature(sc) == _signature(previous[0]):
+                table[registry.OperationDescription(domain, op, sc.since_version)] = previous[1]
+                previous = (sc, previous[1])
+            else:
+                previous = None
+
+
+def _for_onnx2torch(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `proto` that onnx2torch converts faithfully (same function).
+
+    - Identity nodes of initializers (TorchScript shares equal weights that way) become
+      initializers: onnx2torch reads Conv/Gemm weights and biases from the initializer list only.
+    - Flatten with axis equal to the input's rank (output [N, 1]) becomes Reshape to [-1, 1]:
+      onnx2torch's Flatten fails on it.
+    - Dropout whose mask output is unused becomes Identity (inference: the output is the input);
+      onnx2torch has no converter for the old versions (Caffe2 exports use Dropout-7).
+    """
+    from onnx import helper, numpy_helper
+
+    init = {t.name: t for t in proto.graph.initializer}
+    nodes = [n for n in proto.graph.node if n.op_type == "Identity" and n.domain in ("", "ai.onnx")
+             and n.input and n.input[0] in init]
+    flattens = [n for n in proto.graph.node if n.op_type == "Flatten" and n.domain in ("", "ai.onnx")]
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    dropouts = [n for n in proto.graph.node if n.op_type == "Dropout" and n.domain in ("", "ai.onnx")
+                and not (len(n.output) > 1 and n.output[1] and n.output[1] in used)]
+    if not nodes and not flattens and not dropouts:
+        return proto
+    proto = onnx.ModelProto.FromString(proto.SerializeToString()) if proto.ByteSize() < _TWO_GB else proto
+    for n in proto.graph.node:
+        if n.op_type == "Dropout" and n.domain in ("", "ai.onnx") and \
+                not (len(n.output) > 1 and n.output[1] and n.output[1] in used):
+            n.CopyFrom(helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name))
+    if flattens:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+            ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in
+                     [*inferred.graph.value_info, *inferred.graph.input]
+                     if vi.type.tensor_type.HasField("shape")}
+        except Exception:
+            ranks = {}
+        for n in proto.graph.node:
+            if n.op_type != "Flatten" or n.domain not in ("", "ai.onnx"):
+                continue
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            rank = ranks.get(n.input[0])
+            if rank is not None and axis == rank:
+                shape_name = f"{n.output[0]}__graphprune_flatten_shape"
+                proto.graph.initializer.append(numpy_helper.from_array(np.array([-1, 1], np.int64), shape_name))
+                n.CopyFrom(helper.make_node("Reshape", [n.input[0], shape_name], list(n.output), name=n.name))
+    if not nodes:
+        return proto
+    drop = {n.output[0] for n in nodes}
+    kept = [n for n in proto.graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in drop
+                                                 and n.input and n.input[0] in init)]
+    for n in nodes:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init[n.input[0]])
+        copy.name = n.output[0]
+        proto.graph.initializer.append(copy)
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    return proto
+
+
+def _dist_version(name: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+class _TorchSession(Session):
+    """A converted module with its inputs on the device; `graph` is the captured CUDA graph or None.
+
+    Everything (warm-up, capture, replay, eager runs, timing events) runs on one side stream.
+    In fp16 the module's weights are half and the run is under autocast, so an fp32 tensor the
+    graph makes itself (a Cast to float, a mask) meets half weights without a dtype error.
+    """
+
+    def __init__(self, torch, module, inputs: list, device: str, use_graph: bool, fp16: bool = False):
+        self.torch, self.module, self.inputs, self.device = torch, module, inputs, device
+        self.cuda = device.startswith("cuda")
+        self.fp16 = fp16
+        self.graph, self.graph_error = None, ""
+        self._out = None
+        if self.cuda:
+            self.stream = torch.cuda.Stream(device=device)
+            self.stream.wait_stream(torch.cuda.current_stream(device))  # the inputs' uploads
+            if use_graph:
+                self._capture()
+
+    def _forward(self):
+        torch = self.torch
+        with torch.inference_mode():
+            if self.fp16 and self.cuda:
+                with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
+                    return self.module(*self.inputs)
+            return self.module(*self.inputs)
+
+    def _capture(self) -> None:
+        torch = self.torch
+        try:
+            with torch.cuda.stream(self.stream):
+                for _ in range(3):  # cuDNN/cuBLAS pick their kernels before the capture
+                    self._forward()
+                # a module that reads values back on the host (shapes computed at run time) cannot be
+                # captured: find out without a capture, which a failed one can leave the context broken
+                import warnings
+
+                previous = torch.cuda.get_sync_debug_mode()
+                with warnings.catch_warnings():  # "a prototype feature": a missed sync fails the capture instead
+                    warnings.simplefilter("ignore")
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        self._forward()
+                    finally:
+                        torch.cuda.set_sync_debug_mode(previous)
+            self.stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream):
+                out = self._forward()
+            self.graph, self._out = graph, out
+        except Exception as exc:  # host syncs (e.g. shapes read back on the host) cannot be captured
+            self.graph = None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.graph_error = first[:200]
+            torch.cuda.synchronize(self.device)
+
+    def _launch(self):
+        """Queue one run on the side stream (CUDA) or run it (CPU); returns the outputs."""
+        if not self.cuda:
+            return self._forward()
+        with self.torch.cuda.stream(self.stream):
+            if self.graph is not None:
+                self.graph.replay()
+                return self._out
+            return self._forward()
+
+    def run(self) -> list[np.ndarray]:
+        out = self._launch()
+        if self.cuda:
+            self.stream.synchronize()
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        return [o.detach().float().cpu().numpy() if o.is_floating_point() else o.detach().cpu().numpy()
+                for o in outs]
+
+    def time(self, runs: int) -> np.ndarray:
+        out = np.empty(runs)
+        if not self.cuda:
+            for i in range(runs):
+                t0 = time.perf_counter()
+                self._launch()
+                out[i] = time.perf_counter() - t0
+            return out * 1e3
+        torch = self.torch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for i in range(runs):
+            start.record(self.stream)
+            self._launch()
+            end.record(self.stream)
+            end.synchronize()
+            out[i] = start.elapsed_time(end)
+        return out
+
+    def close(self) -> None:
+        self.graph = self._out = self.module = None
+        self.inputs = []
+
+
+class TorchCudaBackend(Backend):
+    """ONNX -> torch.fx (onnx2torch) on a CUDA device, one CUDA graph per model where it can be captured.
+
+    `torch_device` overrides the device (e.g. "cpu" to check a conversion without a GPU; timing
+    then uses the host clock).
+    """
+
+    name = "torch-cuda"
+
+    def __init__(self, *, threads: int = 0, fp16: bool = False, device: int = 0, torch_device: str | None = None,
+                 cuda_graph: bool = True, channels_last: bool = True):
+        super().__init__(threads=threads, fp16=fp16, device=device)
+        self.torch_device = torch_device or f"cuda:{self.device}"
+        self.cuda_graph = bool(cuda_graph)
+        # 4-D weights and image inputs in NHWC, the layout cuDNN's tensor-core kernels use (TensorRT
+        # picks layouts itself); NCHW would add a transpose around every convolution
+        self.channels_last = bool(channels_last)
+        self.modes: set[str] = set()  # "CUDA graph" / "eager" for the models loaded so far
+
+    def check(self) -> None:
+        _import_torch_cuda(self.torch_device)
+
+    @property
+    def label(self) -> str:
+        torch, _ = _import_torch_cuda(self.torch_device)
+        where = (f"GPU {self.device}" if self.torch_device.startswith("cuda") else self.torch_device)
+        mode = " / ".join(sorted(self.modes)) or ("CUDA graph" if self.cuda_graph else "eager")
+        layout = ", channels-last" if self.channels_last else ""
+        return (f"PyTorch {torch.__version__} CUDA via onnx2torch {_dist_version('onnx2torch')} "
+                f"{'fp16' if self.fp16 else 'fp32'}{layout}, {mode} ({where})")
+
+    def cache_key(self) -> str:
+        torch, _ = _import_torch_cuda(self.torch_device)
+        name = _gpu_name(self.device) if self.torch_device.startswith("cuda") else _cpu_name()
+        return (f"PyTorch {torch.__version__} onnx2torch {_dist_version('onnx2torch')} "
+                f"{'fp16' if self.fp16 else 'fp32'} {'graph' if self.cuda_graph else 'eager'}"
+                f"{' nhwc' if self.channels_last else ''} {name}").strip()
+
+    def load(self, model, feeds: dict) -> Session:
+        torch, onnx2torch = _import_torch_cuda(self.torch_device)
+        if isinstance(model, onnx.ModelProto):
+            proto = model
+        else:
+            path = os.fspath(model)
+            if not os.path.isfile(path):
+                raise BadInputError(f"{path}: no such file")
+            proto = onnx.load(path)
+        proto = _for_onnx2torch(proto)
+        try:
+            module = onnx2torch.convert(proto)
+        except Exception as exc:
+            raise _load_error("onnx2torch", model, exc) from None
+        module = module.to(self.torch_device).eval()
+        if self.fp16:
+            module = module.half()
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        names = [vi.name for vi in proto.graph.input if vi.name not in {t.name for t in proto.graph.initializer}]
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise BadInputError(f"{self.label}: no value for input {missing[0]}")
+        inputs = []
+        for n in names:
+            t = torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.torch_device)
+            if self.fp16 and t.is_floating_point():
+                t = t.half()
+            if self.channels_last and t.dim() == 4 and t.is_floating_point():
+                t = t.contiguous(memory_format=torch.channels_last)
+            inputs.append(t)
+        sess = _TorchSession(torch, module, inputs, self.torch_device, self.cuda_graph, self.fp16)
+        try:
+            sess.run()  # fails here, with the op, rather than in the middle of timing
+        except Exception as exc:
+            sess.close()
+            name = model if not isinstance(model, onnx.ModelProto) else (model.graph.name or "model")
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BadInputError(f"PyTorch ({self.torch_device}) cannot run the onnx2torch module of {name}: "
+                                f"{first[:300]}") from None
+        if sess.cuda:
+            self.modes.add("CUDA graph" if sess.graph is not None else "eager")
+        return sess
+
+
 # --------------------------------------------------------------------------- selection
 
-_CLASSES = {"trt": TensorRTBackend, "ort-cuda": OrtCudaBackend, "ort-cpu": OrtCpuBackend}
+_CLASSES = {"trt": TensorRTBackend, "ort-cuda": OrtCudaBackend, "torch-cuda": TorchCudaBackend,
+            "ort-cpu": OrtCpuBackend}
 
 
 def make_backend(name: str, *, threads: int = 0, fp16: bool = False, device: int = 0) -> Backend:
@@ -558,8 +883,9 @@ def select_backend(name: str = "auto", *, threads: int = 0, fp16: bool = False, 
             skipped.append(f"{_LABELS[candidate]} unavailable ({exc})")
             continue
         notes = list(skipped)
-        if fp16 and candidate != "trt":
-            notes.append("--fp16 applies to TensorRT only; onnxruntime runs the model's own precision")
+        if fp16 and candidate not in FP16_BACKENDS:
+            notes.append("--fp16 applies to TensorRT and PyTorch CUDA only; onnxruntime runs the model's own "
+                         "precision")
         if notes:
             backend.note = "; ".join(notes) + f"; using {_LABELS[candidate]}"
         return backend

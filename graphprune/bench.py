@@ -209,8 +209,9 @@ def add_bench_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
         return f"--{prefix}{name}"
 
     p.add_argument(opt("backend"), default="auto", choices=("auto", *BACKENDS),
-                   help="auto (default: TensorRT, else onnxruntime CUDA, else onnxruntime CPU), trt, ort-cuda, "
-                        "ort-cpu; an unavailable one falls back to the next, with a one-line note")
+                   help="auto (default: TensorRT, else onnxruntime CUDA, else PyTorch CUDA via onnx2torch, else "
+                        "onnxruntime CPU), trt, ort-cuda, torch-cuda, ort-cpu; an unavailable one falls back to the "
+                        "next, with a one-line note")
     p.add_argument(opt("runs"), type=_positive, default=DEFAULT_RUNS, metavar="N",
                    help=f"timed runs per model (default: {DEFAULT_RUNS})")
     p.add_argument(opt("warmup"), type=_non_negative, default=DEFAULT_WARMUP, metavar="N",
@@ -223,7 +224,8 @@ def add_bench_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help=f"size of other dynamic axes, e.g. sequence length (default: {DEFAULT_SEQ})")
     p.add_argument(opt("shape"), action="append", default=[], metavar="NAME:DxD...",
                    help="full shape of one input, e.g. input:1x3x224x224 (repeatable; overrides --batch/--seq)")
-    p.add_argument(opt("fp16"), action="store_true", help="TensorRT: build the engine with fp16 enabled")
+    p.add_argument(opt("fp16"), action="store_true",
+                   help="TensorRT: build the engine with fp16 enabled; PyTorch CUDA: run the module in fp16")
 
 
 def build_parser() -> argparse.ArgumentParser:

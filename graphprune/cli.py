@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="check the mask-equivalence oracle with onnxruntime (needs onnxruntime)")
     p.add_argument("--report", metavar="JSON", help="write the report (MACs, params, groups, removed channels)")
-    lat = p.add_argument_group("latency (onnxruntime CPU/CUDA, TensorRT)")
+    lat = p.add_argument_group("latency (onnxruntime CPU/CUDA, TensorRT, PyTorch CUDA)")
     lat.add_argument("--target-latency", type=_ratio, metavar="R",
                      help="prune until the measured latency on --backend is at most R x the original's (searches "
                           "the FLOPs target; per-layer latency table cached in ~/.cache/graphprune/latency)")

@@ -42,6 +42,11 @@ def no_gpu(monkeypatch):
 
     monkeypatch.setattr(backends.OrtCudaBackend, "check", no_cuda)
 
+    def no_torch_cuda(self):
+        raise BackendUnavailable("PyTorch sees no CUDA device (test)")
+
+    monkeypatch.setattr(backends.TorchCudaBackend, "check", no_torch_cuda)
+
 
 def _one_line(err: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -114,6 +119,7 @@ def test_fallback_to_cpu(no_gpu, requested):
     bk = select_backend(requested)
     assert bk.name == "ort-cpu"
     assert "TensorRT unavailable" in bk.note and "onnxruntime CUDA unavailable" in bk.note
+    assert "PyTorch CUDA unavailable" in bk.note
     assert bk.note.endswith("using onnxruntime CPU") and "\n" not in bk.note
 
 
@@ -233,3 +239,122 @@ def test_unloadable_model_is_bad_input(tmp_path, capsys):
     onnx.save(model, path)
     assert main([str(path), "--backend", "ort-cpu", *FAST]) == 2
     assert "cannot load" in _one_line(capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------- PyTorch CUDA (onnx2torch)
+
+
+def _has_onnx2torch() -> str | None:
+    try:
+        backends._import_torch_cuda("cpu")
+    except BackendUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def _has_torch_cuda() -> str | None:
+    status = available_backends()["torch-cuda"]
+    return None if status == "ok" else status
+
+
+def _flatten_identity_model() -> onnx.ModelProto:
+    """onnx2torch pitfalls in one graph: a Conv bias that is an Identity of an initializer
+    (TorchScript shares equal weights so), Flatten with axis == rank (output [N*C*H*W, 1]),
+    a Dropout (no converter for old versions) and GreaterOrEqual-16 (only -12 is registered)."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3, 8, 8] x) => (float[M, 1] y, bool[N, 4, 8, 8] z) {
+        b2 = Identity (b1)
+        a0 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        a = Dropout (a0)
+        c = Conv <pads = [1, 1, 1, 1]> (a, w2, b2)
+        y = Flatten <axis = 4> (c)
+        zero = Constant <value = float {0.0}> ()
+        z = GreaterOrEqual (c, zero)
+    }
+    """
+    model = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(0)
+    for name, shape in (("w1", (4, 3, 3, 3)), ("b1", (4,)), ("w2", (4, 4, 3, 3))):
+        model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32),
+                                                                    name))
+    return model
+
+
+def test_onnx2torch_rewrites_keep_the_function():
+    """The graph handed to onnx2torch computes what the original does (checked with onnxruntime)."""
+    from graphprune.runtime import run_model
+
+    model = _flatten_identity_model()
+    fixed = backends._for_onnx2torch(model)
+    assert not any(n.op_type in ("Flatten", "Dropout") for n in fixed.graph.node)
+    assert not any(n.op_type == "Identity" and n.input[0] == "b1" for n in fixed.graph.node)
+    assert any(n.op_type == "Identity" for n in model.graph.node)  # the caller's proto is not modified
+    onnx.checker.check_model(fixed, full_check=True)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    for want, got in zip(run_model(model, feeds), run_model(fixed, feeds)):
+        np.testing.assert_array_equal(want, got)
+
+
+@pytest.mark.skipif(_has_onnx2torch() is not None, reason=f"onnx2torch cannot run here: {_has_onnx2torch()}")
+def test_torch_backend_matches_onnxruntime(models, tmp_path):
+    """The onnx2torch session (on the CPU here; the same code path as on a GPU) gives onnxruntime's
+    outputs for the original and the pruned model, and for the graph with onnx2torch's pitfalls."""
+    from graphprune.bench import feeds_for
+    from graphprune.runtime import run_model
+
+    bk = backends.TorchCudaBackend(torch_device="cpu")
+    tricky = save(_flatten_identity_model(), tmp_path / "tricky.onnx")
+    for path in (*models, tricky):
+        feeds = feeds_for(path, batch=2)
+        sess = bk.load(path, feeds)
+        try:
+            got = sess.run()
+            assert sess.time(3).shape == (3,)
+        finally:
+            sess.close()
+        want = run_model(path, feeds)
+        for w, g in zip(want, got):
+            assert w.shape == g.shape
+            if w.dtype == bool:
+                assert g.dtype == bool and (g == w).mean() > 0.999  # ties at exactly 0 are measure-zero
+            else:
+                np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(w).max())))
+    assert "onnx2torch" in bk.label and "fp32" in bk.label
+
+
+@pytest.mark.skipif(_has_onnx2torch() is not None, reason=f"onnx2torch cannot run here: {_has_onnx2torch()}")
+def test_torch_backend_names_an_op_it_cannot_convert(tmp_path):
+    """ReduceMean-18 changed its signature (axes became an input): no alias, a one-line error naming it."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[N, 4] x) => (float[N, 1] y) {
+        axes = Constant <value = int64[1] {1}> ()
+        y = ReduceMean (x, axes)
+    }
+    """
+    path = save(onnx.parser.parse_model(text), tmp_path / "reduce18.onnx")
+    with pytest.raises(BadInputError, match="ReduceMean") as info:
+        backends.TorchCudaBackend(torch_device="cpu").load(path, {"x": np.ones((2, 4), np.float32)})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(_has_torch_cuda() is not None, reason=f"PyTorch CUDA cannot run here: {_has_torch_cuda()}")
+@pytest.mark.parametrize("fp16", [False, True])
+def test_torch_cuda_runs(models, fp16):
+    original, pruned = models
+    res = bench_models([original, pruned], backend="torch-cuda", runs=5, warmup=2, batch=2, fp16=fp16)
+    assert res["backend"] == "torch-cuda" and "CUDA graph" in res["backend_label"]
+    assert ("fp16" in res["backend_label"]) == fp16
+    from graphprune.bench import feeds_for
+    from graphprune.runtime import run_model
+
+    feeds = feeds_for(original, batch=2)
+    sess = select_backend("torch-cuda", fp16=fp16).load(original, feeds)
+    try:
+        got = sess.run()[0]
+    finally:
+        sess.close()
+    want = run_model(original, feeds)[0]
+    tol = 3e-2 if fp16 else 1e-3
+    assert np.allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
