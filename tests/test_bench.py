@@ -160,17 +160,21 @@ def test_tensorrt_runs(models, fp16):
     original, pruned = models
     res = bench_models([original, pruned], backend="trt", runs=5, warmup=2, batch=2, fp16=fp16)
     assert res["backend"] == "trt" and "TensorRT" in res["backend_label"]
-    bk = select_backend("trt", fp16=fp16)
+    _assert_matches_onnxruntime("trt", original, fp16)
+
+
+def _assert_matches_onnxruntime(backend: str, model: str, fp16: bool) -> None:
+    """The backend's outputs for `model` at batch 2 equal onnxruntime CPU's (fp16: to fp16 accuracy)."""
     from graphprune.bench import feeds_for
     from graphprune.runtime import run_model
 
-    feeds = feeds_for(original, batch=2)
-    sess = bk.load(original, feeds)
+    feeds = feeds_for(model, batch=2)
+    sess = select_backend(backend, fp16=fp16).load(model, feeds)
     try:
         got = sess.run()[0]
     finally:
         sess.close()
-    want = run_model(original, feeds)[0]
+    want = run_model(model, feeds)[0]
     tol = 3e-2 if fp16 else 1e-3
     assert np.allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
@@ -346,15 +350,4 @@ def test_torch_cuda_runs(models, fp16):
     res = bench_models([original, pruned], backend="torch-cuda", runs=5, warmup=2, batch=2, fp16=fp16)
     assert res["backend"] == "torch-cuda" and "CUDA graph" in res["backend_label"]
     assert ("fp16" in res["backend_label"]) == fp16
-    from graphprune.bench import feeds_for
-    from graphprune.runtime import run_model
-
-    feeds = feeds_for(original, batch=2)
-    sess = select_backend("torch-cuda", fp16=fp16).load(original, feeds)
-    try:
-        got = sess.run()[0]
-    finally:
-        sess.close()
-    want = run_model(original, feeds)[0]
-    tol = 3e-2 if fp16 else 1e-3
-    assert np.allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+    _assert_matches_onnxruntime("torch-cuda", original, fp16)

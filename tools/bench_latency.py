@@ -296,15 +296,15 @@ def measure(item: dict, args, outdir: Path) -> list[dict]:
     if args.target_latency:
         from graphprune.latency import prune_to_latency
 
+        lat_batch = args.batches[-1] if args.section == "gpu" and args.batches else 1
         try:
             res = prune_to_latency(item["path"], args.target_latency, args.backend, threads=args.threads[0],
                                    runs=args.runs, warmup=args.warmup, seq=args.seq, fp16=args.fp16,
-                                   round_to=args.round_to,
-                                   batch=args.batches[-1] if args.section == "gpu" else 1,
+                                   round_to=args.round_to, batch=lat_batch,
                                    cache_dir=outdir / "latency-cache")
             lat = res.report["latency"]
             macs = graphprune.analyze(res.model).cost.macs / graphprune.analyze(item["path"]).cost.macs
-            rows.append({**item, "batch": 1, "threads": args.threads[0],
+            rows.append({**item, "batch": lat_batch, "threads": args.threads[0],
                          "mode": f"--target-latency {args.target_latency}",
                          "backend": lat["backend_label"], "macs_ratio": macs,
                          "macs_before": res.report["macs_before"], "orig_ms": lat["original_ms"],
@@ -315,7 +315,7 @@ def measure(item: dict, args, outdir: Path) -> list[dict]:
             print(f"  --target-latency {args.target_latency}: MACs {macs:.3f}, measured latency "
                   f"{lat['measured_ratio']:.3f} ({'met' if lat['met'] else 'NOT met'})", flush=True)
         except Exception as exc:
-            rows.append({**item, "batch": 1, "mode": f"--target-latency {args.target_latency}",
+            rows.append({**item, "batch": lat_batch, "mode": f"--target-latency {args.target_latency}",
                          "error": _first_line(exc)})
     return rows
 
@@ -325,6 +325,23 @@ def measure(item: dict, args, outdir: Path) -> list[dict]:
 
 def _fmt_macs(m: float) -> str:
     return f"{m / 1e9:.2f}G" if m >= 1e9 else f"{m / 1e6:.1f}M"
+
+
+def latency_target_table(lat_rows: list[dict], with_batch: bool) -> list[str]:
+    """The markdown table of prune_to_latency rows (an error row keeps its one-line reason)."""
+    head = ["model", "target"] + (["batch"] if with_batch else []) + \
+        ["MACs ratio", "measured latency ratio", "LUT prediction", "met", "steps"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in lat_rows:
+        first = [r["model"], r["mode"]] + ([str(r.get("batch", ""))] if with_batch else [])
+        if "error" in r:
+            cells = first + ["", "", "", f"error: {r['error']}", ""]
+        else:
+            pred = f"{r['lut_predicted_ratio']:.3f}" if r.get("lut_predicted_ratio") is not None else "-"
+            cells = first + [f"{r['macs_ratio']:.3f}", f"{r['latency_ratio']:.3f}", pred,
+                             "yes" if r["target_met"] else "no", str(r["search_steps"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown_section(result: dict) -> str:
@@ -367,16 +384,7 @@ def markdown_section(result: dict) -> str:
     lat_rows = [r for r in result["rows"] if "mode" in r]
     if lat_rows:
         lines += ["", f"`prune_to_latency` (latency lookup table + measured search), batch 1, "
-                      f"{a['threads'][0]} threads:", "",
-                  "| model | target | MACs ratio | measured latency ratio | LUT prediction | met | steps |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in lat_rows:
-            if "error" in r:
-                lines.append(f"| {r['model']} | {r['mode']} | | | | error: {r['error']} | |")
-                continue
-            pred = f"{r['lut_predicted_ratio']:.3f}" if r.get("lut_predicted_ratio") is not None else "-"
-            lines.append(f"| {r['model']} | {r['mode']} | {r['macs_ratio']:.3f} | {r['latency_ratio']:.3f} | {pred} | "
-                         f"{'yes' if r['target_met'] else 'no'} | {r['search_steps']} |")
+                      f"{a['threads'][0]} threads:", ""] + latency_target_table(lat_rows, with_batch=False)
     odd = sorted({r["model"] for r in rows
                   if abs(r.get("report_macs_ratio", r["macs_ratio"]) - r["macs_ratio"]) > 0.01})
     if odd:
@@ -429,17 +437,7 @@ def gpu_section(results: list[dict]) -> str:
                      f"{effs[len(effs) // 2]:.2f}.")
     lat_rows = [r for res in results for r in res["rows"] if "mode" in r]
     if lat_rows:
-        lines += ["", "`prune_to_latency` on the GPU backend:", "",
-                  "| model | target | batch | MACs ratio | measured latency ratio | LUT prediction | met | steps |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in lat_rows:
-            if "error" in r:
-                lines.append(f"| {r['model']} | {r['mode']} | | | | | error: {r['error']} | |")
-                continue
-            pred = f"{r['lut_predicted_ratio']:.3f}" if r.get("lut_predicted_ratio") is not None else "-"
-            lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['macs_ratio']:.3f} | "
-                         f"{r['latency_ratio']:.3f} | {pred} | {'yes' if r['target_met'] else 'no'} | "
-                         f"{r['search_steps']} |")
+        lines += ["", "`prune_to_latency` on the GPU backend:", ""] + latency_target_table(lat_rows, with_batch=True)
     errors = [r for res in results for r in res["rows"] if "error" in r and "mode" not in r]
     if errors:
         import re
