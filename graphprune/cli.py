@@ -263,6 +263,7 @@ def _run_prune(args) -> int:
             worst = max(v["max_rel"] for k, v in o.items() if k.startswith("batch"))
             noise = [v["noise_floor"] for k, v in o.items() if k.startswith("batch") and "noise_floor" in v]
             floor = f"; float32 noise floor of the original {max(noise):.2e}" if noise else ""
+            floor += f"; {o['quantized_activations']}" if "quantized_activations" in o else ""
             print(f"oracle  mask equivalence {'holds' if o['equivalent'] else 'FAILS'} (max rel err {worst:.2e}{floor})")
         if "fidelity" in r:
             print(_fidelity_line(r["fidelity"]))

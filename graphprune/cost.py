@@ -69,10 +69,13 @@ def node_cost_terms(node: gs.Node) -> list[CostTerm]:
 
 
 def param_cost_terms(model: Model) -> list[CostTerm]:
-    """One term per weight initializer (floating point)."""
+    """One term per weight initializer (floating point, or an integer weight read by DequantizeLinear)."""
+    from .oprules.quant import dequant_weight
+
     terms = []
     for t in model.graph.tensors().values():
-        if isinstance(t, gs.Constant) and t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating):
+        if isinstance(t, gs.Constant) and t.dtype is not None and (
+                np.issubdtype(np.dtype(t.dtype), np.floating) or dequant_weight(t)):
             shape = tensor_shape(t)
             if shape and _used_as_data(t):
                 terms.append(CostTerm(t.name, 1.0, [(t.name, k) for k in range(len(shape))]))

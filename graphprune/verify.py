@@ -7,6 +7,7 @@ import onnx_graphsurgeon as gs
 
 from .dependency import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, DependencyGraph, Dim
 from .graph import Model
+from .oprules.quant import bypass_activation_qdq, zero_fill
 from .runtime import run_model, synthetic_inputs
 
 NOISE_FACTOR = 4.0  # an oracle error within this factor of float32 reordering noise passes
@@ -42,11 +43,7 @@ def masked_model(original: Model, dg: DependencyGraph, removed_labels: np.ndarra
         t = tensors[dim.tensor]
         if not isinstance(t, gs.Constant):
             continue
-        values = np.array(t.values, copy=True)
-        sl = [slice(None)] * values.ndim
-        sl[dim.axis] = idx
-        values[tuple(sl)] = 0
-        t.values = values
+        t.values = zero_fill(t, dim.axis, idx)  # 0, or the zero point of a quantized weight
         t.data_location = None
     _restrict_statistics(model, dg, removed)
     return model.to_proto(infer=False)
@@ -152,10 +149,16 @@ def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: Depende
     from .verify_io import compare_sliced, io_slices
 
     slices = io_slices(dg, labels)  # resized KV-cache inputs/outputs: the pruned model sees kept slices
+    float_masked = bypass_activation_qdq(masked)
+    optimize = True
+    if float_masked is not masked:  # fake-quantized activations: compare without their rounding,
+        # and unfused (onnxruntime would re-quantize activations for integer kernels)
+        masked, pruned, optimize = float_masked, bypass_activation_qdq(pruned), False
+        results["quantized_activations"] = "compared without activation Q/DQ rounding"
     for b in batches:
         feeds = synthetic_inputs(masked, batch=b, seed=seed + b)
         _original_runs(original, feeds, b)
-        cmp = compare_sliced(masked, pruned, feeds, slices)
+        cmp = compare_sliced(masked, pruned, feeds, slices, optimize=optimize)
         if cmp["max_rel"] > rtol and np.isfinite(cmp["max_rel"]):
             # some graphs are ill-conditioned in float32 (saturated sigmoids, deep nets with large
             # activations): measure the masked original against itself with onnxruntime's graph

@@ -38,11 +38,14 @@ def slice_arrays(arrays: dict[str, np.ndarray], slices: dict) -> dict[str, np.nd
     return out
 
 
-def compare_sliced(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, slices: dict) -> dict:
+def compare_sliced(masked: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict, slices: dict,
+                   optimize: bool = True) -> dict:
     """Run the masked original on `feeds` and the pruned model on their kept slices; compare
-    the pruned outputs with the kept slices of the masked ones."""
+    the pruned outputs with the kept slices of the masked ones (`optimize`: onnxruntime's
+    graph optimisations, off to compare quantized weights in float, unfused)."""
     names = [o.name for o in masked.graph.output]
-    want = slice_arrays(dict(zip(names, run_model(masked, feeds))), slices)
+    want = slice_arrays(dict(zip(names, run_model(masked, feeds, optimize=optimize))), slices)
     pruned_inputs = {i.name for i in pruned.graph.input}
-    got = run_model(pruned, {k: v for k, v in slice_arrays(feeds, slices).items() if k in pruned_inputs})
+    got = run_model(pruned, {k: v for k, v in slice_arrays(feeds, slices).items() if k in pruned_inputs},
+                    optimize=optimize)
     return compare_outputs([want[n] for n in names], got)

@@ -37,6 +37,7 @@ from graphprune.activations import ContractionView, SegmentRunner, find_views
 from graphprune.cost import model_cost
 from graphprune.dependency import ROLE_REDUCE
 from graphprune.graph import Model, tensor_shape
+from graphprune.oprules.quant import dequant_weight
 from graphprune.pipeline import Pass, PassResult, PruneContext
 
 from .rewrite import kept_indices
@@ -393,7 +394,9 @@ class CompensatePass(Pass):
         for key in keys:
             rv, pv = ref_views.get(key), pr_views.get(key)
             why = None
-            if rv is None or pv is None:
+            if dequant_weight(ref_tensors[key[0]]):
+                why = "quantized weight (integer, behind DequantizeLinear): not re-fitted"
+            elif rv is None or pv is None:
                 why = "no single consumer node"
             elif not rv.has_hessian or rv.kind != pv.kind or rv.x != pv.x:
                 why = f"{rv.op} (group {rv.group}) is not a plain feature contraction"

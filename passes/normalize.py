@@ -14,6 +14,9 @@ __all__ = ["NormalizePass", "fold_constants"]
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                      "Bernoulli"}
 _MAX_FOLD_ELEMENTS = 1 << 26
+# quantized weights stay quantized: folding DequantizeLinear(int8 constant) would silently turn a
+# QDQ model's weights into float ones
+_KEEP_QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
 
 def _has_subgraph(node: gs.Node) -> bool:
@@ -42,7 +45,8 @@ def fold_constants(graph: gs.Graph, opsets: list) -> int:
     folded = 0
     graph.toposort()
     for node in list(graph.nodes):
-        if (node.domain or "") not in ("", "ai.onnx") or node.op in _NONDETERMINISTIC or _has_subgraph(node):
+        if (node.domain or "") not in ("", "ai.onnx") or node.op in _NONDETERMINISTIC | _KEEP_QUANTIZED \
+                or _has_subgraph(node):
             continue
         if not node.outputs or any(not isinstance(t, gs.Constant) for t in node.inputs if t.name):
             continue
@@ -96,6 +100,42 @@ def unshare_small_constants(graph: gs.Graph) -> int:
     return copies
 
 
+def unshare_dequantized_identities(graph: gs.Graph) -> int:
+    """Identity copies of a dequantized constant get their own DequantizeLinear of their own copy.
+
+    TorchScript shares equal parameters through Identity nodes, which constant folding turns into
+    separate weights; once a quantizer has put the shared parameter behind a DequantizeLinear
+    (kept, so the model stays quantized) the Identity copies would tie unrelated layers (an
+    embedding LayerNorm's bias with every attention bias). Each Identity becomes a DQ of its own
+    copy of the quantized value, scale and zero point.
+    """
+    from graphprune.oprules.quant import dequant_source
+
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "Identity" or (node.domain or "") not in ("", "ai.onnx") or not node.inputs:
+            continue
+        src = dequant_source(node.inputs[0])
+        if src is None or not node.outputs:
+            continue
+        const, dq = src
+        count += 1
+        inputs = []
+        for k, t in enumerate(dq.inputs):
+            if isinstance(t, gs.Constant) and t.name:
+                inputs.append(gs.Constant(f"{t.name}__gpq{count}", np.array(t.values, copy=True)))
+            else:
+                inputs.append(t)
+        out = node.outputs[0]
+        node.op, node.attrs, node.domain = "DequantizeLinear", dict(dq.attrs), dq.domain
+        node.inputs.clear()
+        node.inputs.extend(inputs)
+        node.outputs = [out]
+    if count:
+        graph.cleanup()
+    return count
+
+
 class NormalizePass(Pass):
     """Fold constants (so weights held in Constant nodes or constant sub-graphs are weights)."""
 
@@ -104,7 +144,7 @@ class NormalizePass(Pass):
     def call(self, ctx: PruneContext) -> PassResult:
         model: Model = ctx.model
         n = fold_constants(model.graph, model.meta.opset_imports)
-        u = unshare_small_constants(model.graph)
+        u = unshare_small_constants(model.graph) + unshare_dequantized_identities(model.graph)
         if n or u:
             ctx.model = Model.from_proto(model.to_proto(infer=False, materialize_data=False), model.meta)
             # the oracle's reference must name tensors as the analysis will

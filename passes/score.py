@@ -8,6 +8,7 @@ import numpy as np
 from graphprune.dependency import ROLE_PARAM, ROLE_REDUCE, GroupMember
 from graphprune.errors import BadInputError
 from graphprune.graph import const_values
+from graphprune.oprules.quant import dequantized
 from graphprune.pipeline import Pass, PassResult, PruneContext
 
 from .criteria import CRITERIA, criterion_names
@@ -52,7 +53,10 @@ class ScoreContext:
 
     # -- weights ------------------------------------------------------------------
     def values(self, tensor: str) -> np.ndarray:
-        v = const_values(self._tensors[tensor])
+        t = self._tensors[tensor]
+        v = dequantized(t)  # an integer weight behind a DequantizeLinear: its float values
+        if v is None:
+            v = const_values(t)
         if v is None:
             raise KeyError(f"{tensor} is not a weight")
         return v

@@ -4,6 +4,7 @@ from __future__ import annotations
 from .base import _GLOBAL, FactorBlock, OpRule, OpRuleRegistry, RewriteContext, RuleContext, register_op_rule
 from .attention import register_attention_rules
 from .contrib import register_contrib_rules
+from .quant import register_quant_rules
 from .rules import BROADCAST_OPS, UNARY_OPS, register_builtin_rules
 
 __all__ = ["OpRule", "OpRuleRegistry", "RuleContext", "RewriteContext", "FactorBlock",
@@ -12,6 +13,7 @@ __all__ = ["OpRule", "OpRuleRegistry", "RuleContext", "RewriteContext", "FactorB
 register_builtin_rules(_GLOBAL)
 register_contrib_rules(_GLOBAL)
 register_attention_rules(_GLOBAL)
+register_quant_rules(_GLOBAL)
 
 
 def default_registry() -> OpRuleRegistry:

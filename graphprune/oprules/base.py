@@ -136,7 +136,14 @@ class RuleContext:
 
     @staticmethod
     def is_const(t: gs.Tensor | None) -> bool:
-        return isinstance(t, gs.Constant)
+        """A constant, or a quantized constant read through DequantizeLinear (a weight either way)."""
+        if isinstance(t, gs.Constant):
+            return True
+        if t is None:
+            return False
+        from .quant import dequant_source
+
+        return dequant_source(t) is not None
 
     def value(self, t: gs.Tensor | None) -> np.ndarray | None:
         """A constant's values, or a run-time shape expression's value when it is static."""
@@ -231,6 +238,14 @@ class RuleContext:
             self.dg.stat_axes.setdefault(self.node.outputs[0].name, set()).add(d)
 
     def role(self, t: gs.Tensor, axis: int, role: str) -> None:
+        if not isinstance(t, gs.Constant):
+            from .quant import dequant_source
+
+            src = dequant_source(t)  # a quantized weight: the integer constant behind the DQ takes the role
+            if src is None:
+                self._dim(t, axis)
+                return
+            t = src[0]
         d = self._dim(t, axis)
         if d is not None and isinstance(t, gs.Constant):
             self.dg.dim_role.setdefault(d, role)
