@@ -7,9 +7,10 @@ import onnx_graphsurgeon as gs
 
 from .dependency import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, DependencyGraph, Dim
 from .graph import Model
-from .oprules.quant import bypass_activation_qdq, zero_fill
+from .oprules.quant import bypass_activation_qdq, exact_integer_matmuls, zero_fill
 from .runtime import run_model, synthetic_inputs
 
+_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
 NOISE_FACTOR = 4.0  # an oracle error within this factor of float32 reordering noise passes
 
 __all__ = ["masked_model", "check_mask_equivalence", "compare_outputs"]
@@ -150,11 +151,17 @@ def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: Depende
 
     slices = io_slices(dg, labels)  # resized KV-cache inputs/outputs: the pruned model sees kept slices
     float_masked = bypass_activation_qdq(masked)
-    optimize = True
-    if float_masked is not masked:  # fake-quantized activations: compare without their rounding,
-        # and unfused (onnxruntime would re-quantize activations for integer kernels)
-        masked, pruned, optimize = float_masked, bypass_activation_qdq(pruned), False
+    # quantized models run unfused: onnxruntime's fusions (QDQ -> integer kernels, DynamicQuantizeLinear
+    # + MatMulInteger -> DynamicQuantizeMatMul) quantize differently where the masked reference's extra
+    # Gather/Where nodes stop a fusion
+    optimize = not any(n.op_type in _QUANT_OPS for n in masked.graph.node)
+    if float_masked is not masked:  # fake-quantized activations: compare without their rounding
+        masked, pruned = float_masked, bypass_activation_qdq(pruned)
         results["quantized_activations"] = "compared without activation Q/DQ rounding"
+    exact_masked = exact_integer_matmuls(masked)
+    if exact_masked is not masked:  # integer matmuls: exact arithmetic, not saturating kernels
+        masked, pruned = exact_masked, exact_integer_matmuls(pruned)
+        results["quantized_activations"] = "integer matmuls compared in exact arithmetic"
     for b in batches:
         feeds = synthetic_inputs(masked, batch=b, seed=seed + b)
         _original_runs(original, feeds, b)

@@ -236,3 +236,34 @@ def test_compensation_skips_quantized_weights_with_the_reason(quantized):
     assert comp["skipped"] and not comp["layers"]
     assert all("quantized weight" in s["reason"] for s in comp["skipped"])
     assert _int_weights(result.model)  # nothing was turned into float
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_dynamically_quantized_transformer_prunes(tmp_path, per_channel):
+    """onnxruntime's quantize_dynamic: DynamicQuantizeLinear (scale from min/max over the whole
+    activation) -> MatMulInteger with INT8 weights. Heads and MLP prune, MatMulInteger MACs count,
+    and the oracle is exact (integer matmuls compared in exact arithmetic: onnxruntime's u8 x s8
+    kernels saturate pair sums, which depends on which channels sit side by side)."""
+    from models.transformer import build_transformer_onnx
+
+    src = build_transformer_onnx("bert_block", False, tmp_path)
+    q = str(tmp_path / "bert.dyn.onnx")
+    quantization.quantize_dynamic(src, q, per_channel=per_channel, weight_type=quantization.QuantType.QInt8)
+    before = graphprune.analyze(q)
+    assert {g.kind for g in before.groups} >= {"heads"}
+    result = graphprune.prune(q, target_flops=0.5, verify=True)
+    oracle = result.report["oracle"]
+    assert oracle["equivalent"] and "exact arithmetic" in oracle["quantized_activations"]
+    assert max(v["max_rel"] for k, v in oracle.items() if k.startswith("batch")) < 1e-6
+    out = result.save(tmp_path / "bert.dyn.pruned.onnx")
+    assert 0.48 <= graphprune.analyze(out).cost.macs / before.cost.macs <= 0.5
+    model = onnx.load(out)
+    onnx.checker.check_model(model, full_check=True)
+    ints = [t for t in model.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
+    assert ints  # still INT8 weights
+    from graphprune.runtime import synthetic_inputs
+
+    sess = ort.InferenceSession(out)
+    for b in (1, 2):
+        feeds = synthetic_inputs(model, batch=b)
+        assert sess.run(None, feeds)[0].shape[0] == b

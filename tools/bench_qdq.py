@@ -28,6 +28,13 @@ START, END = "<!-- qdq:start -->", "<!-- qdq:end -->"
 TITLE = "## Quantized (QDQ) models"
 
 
+def _quantize_dynamic(src: str, dest: str, per_channel: bool) -> str:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(src, dest, per_channel=per_channel, weight_type=QuantType.QInt8)
+    return dest
+
+
 def _quantize(src: str, dest: str, per_channel: bool) -> str:
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
@@ -69,16 +76,20 @@ def measure(args) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="graphprune-qdq-") as d:
         tmp = Path(d)
         for name, src in _sources(args, tmp):
-            for per_channel in (True, False):
-                q = _quantize(src, str(tmp / f"{name}.q{int(per_channel)}.onnx"), per_channel)
-                row = {"model": name, "weights": "per-channel" if per_channel else "per-tensor"}
+            modes = [("static", True), ("static", False)]
+            if name in args.transformers:
+                modes += [("dynamic", True), ("dynamic", False)]
+            for mode, per_channel in modes:
+                quantize = _quantize if mode == "static" else _quantize_dynamic
+                q = quantize(src, str(tmp / f"{name}.{mode}{int(per_channel)}.onnx"), per_channel)
+                row = {"model": name, "weights": f"{mode}, {'per-channel' if per_channel else 'per-tensor'}"}
                 t0 = time.perf_counter()
                 try:
                     res = graphprune.prune(q, target_flops=args.target_flops, verify=True)
                 except Exception as exc:
                     rows.append(row | {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
                     continue
-                out = res.save(tmp / f"{name}.q{int(per_channel)}.pruned.onnx")
+                out = res.save(tmp / f"{name}.{mode}{int(per_channel)}.pruned.onnx")
                 row["prune_s"] = time.perf_counter() - t0
                 oracle = res.report["oracle"]
                 row["oracle"] = oracle["equivalent"]
@@ -107,11 +118,12 @@ def section(rows: list[dict], command: str, seconds: float) -> str:
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {load} at the "
              f"end, onnxruntime {onnxruntime.__version__})", "",
              "Each model quantized by onnxruntime's `quantize_static` (QDQ format, INT8, 4 synthetic calibration "
-             "batches), then `graphprune.prune(q, target_flops=0.5, verify=True)`. The oracle compares the "
+             "batches; \"static\") and, for the transformer blocks, by `quantize_dynamic` (DynamicQuantizeLinear + "
+             "MatMulInteger, INT8 weights; \"dynamic\"), then `graphprune.prune(q, target_flops=0.5, verify=True)`. The oracle compares the "
              "pruned model with the masked original without the activations' fake-quant rounding (see README); "
              "latency is onnxruntime CPU, 2 threads, batch 1 (sequence 32), both files as saved (its optimiser fuses the QDQ "
              "pairs into integer kernels; with a load average above the CPU count the latency columns are noise).", "",
-             "| model | weights | groups | MACs ratio | oracle (max rel err) | INT8 weights kept | prune s "
+             "| model | quantization | groups | MACs ratio | oracle (max rel err) | INT8 weights kept | prune s "
              "| original ms | pruned ms | speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import OpRuleRegistry, RuleContext
+from .base import OpRule, OpRuleRegistry, RuleContext
 
 __all__ = ["register_quant_rules", "dequant_source", "dequant_weight", "dequantized", "zero_fill",
            "bypass_activation_qdq"]
@@ -68,6 +68,39 @@ def _qdq(ctx: RuleContext) -> None:
             ctx.role(p, 0, "param")
 
 
+def _dynamic_quantize(ctx: RuleContext) -> None:
+    """DynamicQuantizeLinear: y = saturate(round(x / s) + zp) with s and zp from min/max over all
+    of x (onnxruntime's dynamic quantization writes it before every MatMulInteger). y is x's
+    elementwise; the scalar scale is a statistic over every axis, so an axis that loses channels
+    is reduced over the kept ones (the oracle computes it that way)."""
+    x, y = ctx.input(0), ctx.output(0)
+    if x is None or y is None or ctx.shape(x) is None:
+        return
+    for k in range(len(ctx.shape(x))):
+        ctx.tie(x, k, y, k)
+        ctx.statistics(x, k)
+
+
+class _MatMulInteger(OpRule):
+    """MatMulInteger: MatMul on (A - a_zero_point) and (B - b_zero_point); a per-column B zero point
+    ([N]) belongs to the output columns, a per-row A zero point ([M]) to A's rows."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        from .rules import MatMul
+
+        MatMul().analyze(ctx)
+        a, b, y = ctx.input(0), ctx.input(1), ctx.output(0)
+        for zp, t, axis in ((ctx.input(2), a, -2), (ctx.input(3), b, -1)):
+            shape = ctx.shape(zp)
+            if zp is None or shape is None or int(np.prod(shape, dtype=np.int64)) <= 1:
+                continue
+            if len(shape) == 1:
+                ctx.tie(zp, 0, t, axis)
+                ctx.role(zp, 0, "param")
+            else:
+                ctx.pin(zp, None, "zero point of an unknown layout")
+
+
 def register_quant_rules(reg: OpRuleRegistry) -> None:
     from .base import FunctionRule
 
@@ -75,6 +108,8 @@ def register_quant_rules(reg: OpRuleRegistry) -> None:
     for op in QDQ_OPS:
         for domain in ("", "com.microsoft"):
             reg.register(op, rule, domain=domain)
+    reg.register("DynamicQuantizeLinear", FunctionRule(_dynamic_quantize))
+    reg.register("MatMulInteger", _MatMulInteger())
 
 
 # --------------------------------------------------------------------------- quantized weights
@@ -101,8 +136,10 @@ def _dq_consumer(c: gs.Constant) -> gs.Node | None:
 
 
 def dequant_weight(c: gs.Constant) -> bool:
-    """Whether `c` is an integer weight that only DequantizeLinear reads (a quantized parameter)."""
-    return np.dtype(c.dtype).kind in "iub" and _dq_consumer(c) is not None
+    """Whether `c` is a quantized weight: an integer constant that only DequantizeLinear reads, or
+    the B operand of MatMulInteger (onnxruntime's dynamic quantization)."""
+    return np.dtype(c.dtype).kind in "iub" and (_dq_consumer(c) is not None or
+                                                 _integer_matmul_zero_point(c) is not None)
 
 
 def _params(node: gs.Node, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,6 +175,21 @@ def dequantized(c: gs.Tensor) -> np.ndarray | None:
     return ((v.astype(np.float64) - zp) * scale).astype(np.float32)
 
 
+def _integer_matmul_zero_point(c: gs.Constant) -> np.ndarray | None:
+    """The zero point of `c` when every use is as B of MatMulInteger with the same constant
+    b_zero_point (scalar, or [N] per column), shaped to broadcast against `c`."""
+    users = list(c.outputs)
+    if not users or any(n.op != "MatMulInteger" or len(n.inputs) < 2 or n.inputs[1] is not c for n in users):
+        return None
+    zps = [n.inputs[3] if len(n.inputs) > 3 and n.inputs[3].name else None for n in users]
+    if zps[0] is None:
+        return np.zeros(1)
+    if not isinstance(zps[0], gs.Constant) or any(z is not zps[0] for z in zps):
+        return None
+    zp = np.asarray(zps[0].values).astype(np.float64)
+    return zp.reshape([1] * (np.ndim(c.values) - 1) + [-1]) if zp.ndim == 1 else zp
+
+
 def zero_fill(c: gs.Constant, axis: int, idx: np.ndarray) -> np.ndarray:
     """`c`'s values with elements `idx` of `axis` set to what means 0: the zero point when `c` is
     a quantized weight read by DequantizeLinear, else 0."""
@@ -146,9 +198,12 @@ def zero_fill(c: gs.Constant, axis: int, idx: np.ndarray) -> np.ndarray:
     sl[axis] = idx
     node = _dq_consumer(c) if values.dtype.kind in "iub" else None
     if node is None:
-        values[tuple(sl)] = 0
-        return values
-    _, zp = _params(node, values.ndim)
+        zp = _integer_matmul_zero_point(c) if values.dtype.kind in "iub" else None
+        if zp is None:
+            values[tuple(sl)] = 0
+            return values
+    else:
+        _, zp = _params(node, values.ndim)
     full = np.broadcast_to(zp, values.shape).astype(values.dtype)
     values[tuple(sl)] = full[tuple(sl)]
     return values
@@ -201,4 +256,62 @@ def bypass_activation_qdq(proto):
             kept.append(onnx.helper.make_node("Identity", [rename[o.name]], [o.name]))
     del g.node[:]
     g.node.extend(kept)
+    return out
+
+
+def exact_integer_matmuls(proto):
+    """A copy of `proto` whose MatMulInteger nodes compute in float64 (exact for int8 x int8 sums of
+    any practical length) instead of onnxruntime's integer kernels, which saturate u8 x s8 pair
+    sums to int16 on AVX2: the saturation depends on which K elements sit side by side, so a
+    pruned (shorter) K changes it although the math is unchanged. The oracle compares with this
+    form. A per-row A zero point is left to the integer kernel. Returns `proto` itself when
+    nothing changes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
+    consts = {t.name: t for t in graph.initializer}
+    targets = []
+    for n in graph.node:
+        if n.op_type != "MatMulInteger" or (n.domain or "") not in ("", "ai.onnx"):
+            continue
+        azp = n.input[2] if len(n.input) > 2 and n.input[2] else ""
+        if azp in consts and len(consts[azp].dims) == 1 and consts[azp].dims[0] > 1:
+            continue
+        targets.append(n)
+    if not targets:
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    names = {o for n in out.graph.node for o in n.output} | {t.name for t in out.graph.initializer}
+    counter = iter(range(1 << 30))
+
+    def fresh(base):
+        while True:
+            name = f"{base}_gpexact{next(counter)}"
+            if name not in names:
+                names.add(name)
+                return name
+
+    target_names = {id(n) for n in targets}
+    new_nodes = []
+    for orig, n in zip(graph.node, out.graph.node):
+        if id(orig) not in target_names:
+            new_nodes.append(n)
+            continue
+        operands = []
+        for i, zp_i in ((0, 2), (1, 3)):
+            x = fresh(n.input[i])
+            new_nodes.append(helper.make_node("Cast", [n.input[i]], [x], to=TensorProto.DOUBLE))
+            if len(n.input) > zp_i and n.input[zp_i]:
+                z, d = fresh(n.input[zp_i]), fresh(n.input[i])
+                new_nodes.append(helper.make_node("Cast", [n.input[zp_i]], [z], to=TensorProto.DOUBLE))
+                new_nodes.append(helper.make_node("Sub", [x, z], [d]))
+                x = d
+            operands.append(x)
+        y = fresh(n.output[0])
+        new_nodes.append(helper.make_node("MatMul", operands, [y]))
+        new_nodes.append(helper.make_node("Cast", [y], [n.output[0]], to=TensorProto.INT32))
+    del out.graph.node[:]
+    out.graph.node.extend(new_nodes)
     return out
