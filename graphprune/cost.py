@@ -45,6 +45,13 @@ def node_cost_terms(node: gs.Node) -> list[CostTerm]:
         spatial = ys[2:] if op == "Conv" else xs[2:]
         coef = _vol(spatial) * _static(ys[0]) * _vol(ws[2:])
         return [CostTerm(name, coef, [(w.name, 0), (w.name, 1)])]
+    if op in ("LSTM", "GRU", "RNN") and len(ins) > 2 and ins[1] is not None and ins[2] is not None:
+        # per time step and direction: x . W^T and h . R^T (sequence and batch counted as 1 when dynamic)
+        xs = tensor_shape(ins[0])
+        steps = _static(xs[0]) * _static(xs[1]) if xs is not None and len(xs) == 3 else 1.0
+        w, r = ins[1], ins[2]
+        return [CostTerm(name, steps, [(w.name, 0), (w.name, 1), (w.name, 2)]),
+                CostTerm(name, steps, [(r.name, 0), (r.name, 1), (r.name, 2)])]
     if op == "Attention" and (node.domain or "") == "com.microsoft" and len(ins) > 1 and ins[1] is not None:
         x, w = ins[0], ins[1]
         xs = tensor_shape(x)

@@ -5,6 +5,8 @@ from .base import _GLOBAL, FactorBlock, OpRule, OpRuleRegistry, RewriteContext, 
 from .attention import register_attention_rules
 from .contrib import register_contrib_rules
 from .quant import register_quant_rules
+from .recurrent import register_recurrent_rules
+from .fill import register_fill_rules
 from .rules import BROADCAST_OPS, UNARY_OPS, register_builtin_rules
 
 __all__ = ["OpRule", "OpRuleRegistry", "RuleContext", "RewriteContext", "FactorBlock",
@@ -14,6 +16,8 @@ register_builtin_rules(_GLOBAL)
 register_contrib_rules(_GLOBAL)
 register_attention_rules(_GLOBAL)
 register_quant_rules(_GLOBAL)
+register_recurrent_rules(_GLOBAL)
+register_fill_rules(_GLOBAL)
 
 
 def default_registry() -> OpRuleRegistry:
