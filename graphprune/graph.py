@@ -287,6 +287,44 @@ def _refine_node(node: gs.Node, opsets: list, refined: dict | None, ev: "ShapeEv
     return changed
 
 
+def _dim_factor(d):
+    """A size as (symbols, static factor): 7, 'batch', '4*batch'; None if unknown."""
+    if isinstance(d, (int, np.integer)) and not isinstance(d, bool):
+        return ([], int(d)) if d >= 0 else None
+    if not isinstance(d, str) or _unknown(d):
+        return None
+    syms, k = [], 1
+    for q in (q.strip() for q in d.split("*")):
+        if q.isdigit():
+            k *= int(q)
+        elif q.isidentifier():
+            syms.append(q)
+        else:
+            return None
+    return syms, k
+
+
+def _remaining_factor(xs, others):
+    """The size left for a reshape's one inferred entry when every other size is a product of
+    the input's symbols and constants: the input's factors divided by theirs, or None."""
+    fx, fo = [_dim_factor(d) for d in xs], [_dim_factor(d) for d in others]
+    if any(f is None for f in fx + fo):
+        return None
+    syms = [q for f in fx for q in f[0]]
+    for f in fo:
+        for q in f[0]:
+            if q not in syms:
+                return None
+            syms.remove(q)
+    p_in, p_out = int(np.prod([f[1] for f in fx])), int(np.prod([f[1] for f in fo]))
+    if p_out <= 0 or p_in % p_out:
+        return None
+    k = p_in // p_out
+    if not syms:
+        return k
+    return "*".join(([str(k)] if k != 1 else []) + sorted(syms))
+
+
 def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) -> bool:
     """Fill unknown output dims of Reshape/Expand from static shape values or by cancelling
     symbolic dims (reshape(b, s, -1)), of Slice from static bounds, of broadcasting ops from
@@ -363,6 +401,8 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
                 new[unknown[0]] = p_in // p_out
             elif matched and len(left) == 1 and p_in == p_out:
                 new[unknown[0]] = left[0]
+            elif (rest := _remaining_factor(xs, [d for k, d in enumerate(new) if k != unknown[0]])) is not None:
+                new[unknown[0]] = rest  # e.g. [b, 4, 16, 32] -> [4*b, -1, 32]: the -1 is 16
         def known(d):
             return d is not None and (not _unknown(d) or d in xs)
 
