@@ -222,3 +222,41 @@ def test_keras_layernorm_global_pool_is_a_reduction():
     result = _check(model, prune_hidden=True)
     shapes = {i.name: tuple(i.dims) for i in result.model.graph.initializer}
     assert shapes["W0"][1] == shapes["G"][0] == shapes["W1"][0] == 16
+
+
+# -- Keras MultiHeadAttention kept as Einsum (its own equations, kernels [C, H, D]) --------------
+
+def keras_einsum_attention() -> onnx.ModelProto:
+    body = """
+  qe = Einsum <equation="abc,cde->abde"> (x, Wq)
+  q = Add (qe, Bq)
+  ke = Einsum <equation="abc,cde->abde"> (x, Wk)
+  k = Add (ke, Bk)
+  ve = Einsum <equation="abc,cde->abde"> (x, Wv)
+  v = Add (ve, Bv)
+  s = Einsum <equation="aecd,abcd->acbe"> (k, q)
+  p = Softmax <axis=-1> (s)
+  o = Einsum <equation="acbe,aecd->abcd"> (p, v)
+  oe = Einsum <equation="abcd,cde->abe"> (o, Wo)
+  ob = Add (oe, Bo)
+  h = Add (x, ob)
+  f1 = MatMul (h, W1)
+  f1r = Relu (f1)
+  f2 = MatMul (f1r, W2)
+  y = Add (h, f2)
+"""
+    text = (f'<ir_version: 8, opset_import: ["" : 15]>\n'
+            f'keras_einsum (float[unk__5,8,32] x) => (float[unk__6,8,32] y) {{\n{body}\n}}')
+    weights = {f"W{p}": (32, 8, 4) for p in "qkv"} | {f"B{p}": (8, 4) for p in "qkv"}
+    weights |= {"Wo": (8, 4, 32), "Bo": (32,), "W1": (32, 64), "W2": (64, 32)}
+    return make_model(text, weights)
+
+
+def test_keras_einsum_attention_prunes_heads():
+    model = keras_einsum_attention()
+    sizes = sorted(g.size for g in graphprune.analyze(model).groups)
+    assert sizes == [4, 8, 64]  # V's head dim (shared by all heads), the heads, the feed-forward
+    result = _check(model)
+    shapes = {i.name: tuple(i.dims) for i in result.model.graph.initializer}
+    assert shapes["Wq"][1] == shapes["Wk"][1] == shapes["Wv"][1] == shapes["Wo"][0] == shapes["Bq"][0]
+    assert shapes["Wq"][2] == shapes["Wk"][2] == 4  # Q.K^T contraction: head dim kept
