@@ -201,8 +201,8 @@ def restore_io_symbols(model: onnx.ModelProto, meta: ModelMeta) -> onnx.ModelPro
     """Put back the graph input/output symbol names :func:`load_model` renamed (in place)."""
     if meta.dim_params:
         for d in _io_dims(model):
-            if d.dim_param in meta.dim_params:
-                d.dim_param = meta.dim_params[d.dim_param]
+            if d.dim_param:  # also inside products such as 4*sym_unk__3 (batch x heads)
+                d.dim_param = "*".join(meta.dim_params.get(q, q) for q in d.dim_param.split("*"))
     return model
 
 
