@@ -41,7 +41,7 @@ class Model:
         try:
             graph = gs.import_onnx(proto)
         except Exception as exc:
-            raise BadInputError(f"cannot read the graph: {exc}") from None
+            raise BadInputError(f"cannot read the graph: {exc}{_not_onnx_ops(proto)}") from None
         refined: dict = {}
         _attach_base_dir(graph, meta.base_dir)
         for _ in range(8):  # onnx cannot infer reshape(b, s, -1) or run-time shapes: deduce them
@@ -112,6 +112,19 @@ def _attach_base_dir(graph: gs.Graph, base_dir: str) -> None:
                 and onnx.external_data_helper.uses_external_data(lv.tensor):
             t._values = _ExternalValues(lv.tensor, base_dir)
             t.data_location = None  # once loaded, the values are exported inline
+
+
+def _not_onnx_ops(proto: onnx.ModelProto) -> str:
+    """'; ...' naming default-domain op types onnx does not define (an exporter left framework ops,
+    e.g. tf2onnx's StatefulPartitionedCall), or '' if there are none."""
+    from collections import Counter
+
+    bad = Counter(n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")
+                  and not onnx.defs.has(n.op_type))
+    if not bad:
+        return ""
+    ops = ", ".join(f"{op} x{k}" for op, k in bad.most_common(3))
+    return f"; the graph has ops that are not ONNX ops ({ops}): the exporter did not convert them"
 
 
 def _export(graph: gs.Graph, meta: ModelMeta) -> onnx.ModelProto:

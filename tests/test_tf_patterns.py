@@ -260,3 +260,29 @@ def test_keras_einsum_attention_prunes_heads():
     shapes = {i.name: tuple(i.dims) for i in result.model.graph.initializer}
     assert shapes["Wq"][1] == shapes["Wk"][1] == shapes["Wv"][1] == shapes["Wo"][0] == shapes["Bq"][0]
     assert shapes["Wq"][2] == shapes["Wk"][2] == 4  # Q.K^T contraction: head dim kept
+
+
+# -- an incomplete tf2onnx export: TensorFlow ops left in the graph -----------------------------
+
+def test_unconverted_tensorflow_ops_are_named(tmp_path):
+    """tf2onnx leaves ops it cannot convert (ConvNeXt under Keras 3: StatefulPartitionedCall with a
+    binary config_proto attribute, Erfc) in the default domain: a one-line error that names them."""
+    from graphprune.errors import BadInputError
+
+    node = onnx.helper.make_node("StatefulPartitionedCall", ["x"], ["y"], name="dwconv",
+                                 config_proto=b"\n\x07\n\x03CPU\x10\x01\x82\x01\x00")
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["unk__1", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["unk__2", 4])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    with pytest.raises(BadInputError, match="not ONNX ops \\(StatefulPartitionedCall x1\\)"):
+        graphprune.analyze(model)
+    path = tmp_path / "incomplete.onnx"
+    onnx.save(model, path)
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "graphprune", str(path), "--target-flops", "0.5", "-o",
+                          str(tmp_path / "out.onnx")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "StatefulPartitionedCall" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "out.onnx").exists()
