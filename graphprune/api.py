@@ -11,7 +11,7 @@ from .cost import model_cost
 from .errors import BadInputError
 from .graph import Model
 from .kv_cache import cache_io, cache_shapes
-from .model_io import save_model
+from .model_io import restore_io_symbols, save_model
 from .oprules import OpRuleRegistry, default_registry
 from .pipeline import PassManager, Progress, PruneContext
 
@@ -183,7 +183,7 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
         ctx.report["hidden"] = _hidden_report(ctx)
         if not ctx.report["hidden"]:
             ctx.report["hidden_pinned"] = _hidden_pin_reason(ctx.dependency)
-    return PruneResult(ctx.model.to_proto(), ctx.report, ctx)
+    return PruneResult(restore_io_symbols(ctx.model.to_proto(), ctx.model.meta), ctx.report, ctx)
 
 
 def _hidden_report(ctx: PruneContext) -> list[dict]:

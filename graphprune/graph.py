@@ -41,7 +41,7 @@ class Model:
         try:
             graph = gs.import_onnx(proto)
         except Exception as exc:
-            raise BadInputError(f"cannot read the graph: {exc}") from None
+            raise BadInputError(f"cannot read the graph: {exc}{_not_onnx_ops(proto)}") from None
         refined: dict = {}
         _attach_base_dir(graph, meta.base_dir)
         for _ in range(8):  # onnx cannot infer reshape(b, s, -1) or run-time shapes: deduce them
@@ -112,6 +112,19 @@ def _attach_base_dir(graph: gs.Graph, base_dir: str) -> None:
                 and onnx.external_data_helper.uses_external_data(lv.tensor):
             t._values = _ExternalValues(lv.tensor, base_dir)
             t.data_location = None  # once loaded, the values are exported inline
+
+
+def _not_onnx_ops(proto: onnx.ModelProto) -> str:
+    """'; ...' naming default-domain op types onnx does not define (an exporter left framework ops,
+    e.g. tf2onnx's StatefulPartitionedCall), or '' if there are none."""
+    from collections import Counter
+
+    bad = Counter(n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")
+                  and not onnx.defs.has(n.op_type))
+    if not bad:
+        return ""
+    ops = ", ".join(f"{op} x{k}" for op, k in bad.most_common(3))
+    return f"; the graph has ops that are not ONNX ops ({ops}): the exporter did not convert them"
 
 
 def _export(graph: gs.Graph, meta: ModelMeta) -> onnx.ModelProto:
@@ -287,6 +300,44 @@ def _refine_node(node: gs.Node, opsets: list, refined: dict | None, ev: "ShapeEv
     return changed
 
 
+def _dim_factor(d):
+    """A size as (symbols, static factor): 7, 'batch', '4*batch'; None if unknown."""
+    if isinstance(d, (int, np.integer)) and not isinstance(d, bool):
+        return ([], int(d)) if d >= 0 else None
+    if not isinstance(d, str) or _unknown(d):
+        return None
+    syms, k = [], 1
+    for q in (q.strip() for q in d.split("*")):
+        if q.isdigit():
+            k *= int(q)
+        elif q.isidentifier():
+            syms.append(q)
+        else:
+            return None
+    return syms, k
+
+
+def _remaining_factor(xs, others):
+    """The size left for a reshape's one inferred entry when every other size is a product of
+    the input's symbols and constants: the input's factors divided by theirs, or None."""
+    fx, fo = [_dim_factor(d) for d in xs], [_dim_factor(d) for d in others]
+    if any(f is None for f in fx + fo):
+        return None
+    syms = [q for f in fx for q in f[0]]
+    for f in fo:
+        for q in f[0]:
+            if q not in syms:
+                return None
+            syms.remove(q)
+    p_in, p_out = int(np.prod([f[1] for f in fx])), int(np.prod([f[1] for f in fo]))
+    if p_out <= 0 or p_in % p_out:
+        return None
+    k = p_in // p_out
+    if not syms:
+        return k
+    return "*".join(([str(k)] if k != 1 else []) + sorted(syms))
+
+
 def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) -> bool:
     """Fill unknown output dims of Reshape/Expand from static shape values or by cancelling
     symbolic dims (reshape(b, s, -1)), of Slice from static bounds, of broadcasting ops from
@@ -363,6 +414,8 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
                 new[unknown[0]] = p_in // p_out
             elif matched and len(left) == 1 and p_in == p_out:
                 new[unknown[0]] = left[0]
+            elif (rest := _remaining_factor(xs, [d for k, d in enumerate(new) if k != unknown[0]])) is not None:
+                new[unknown[0]] = rest  # e.g. [b, 4, 16, 32] -> [4*b, -1, 32]: the -1 is 16
         def known(d):
             return d is not None and (not _unknown(d) or d in xs)
 

@@ -11,7 +11,7 @@ from onnx import external_data_helper
 
 from .errors import BadInputError
 
-__all__ = ["ModelMeta", "list_initializers_as_inputs", "load_model", "save_model", "materialize", "uses_external_data", "SUPPORTED_OPSETS", "TWO_GB"]
+__all__ = ["ModelMeta", "list_initializers_as_inputs", "load_model", "restore_io_symbols", "save_model", "materialize", "uses_external_data", "SUPPORTED_OPSETS", "TWO_GB"]
 
 TWO_GB = 2**31
 SUPPORTED_OPSETS = range(7, 26)
@@ -34,6 +34,7 @@ class ModelMeta:
     base_dir: str = ""  # folder external data locations are relative to
     initializer_inputs: list = field(default_factory=list)  # graph inputs backed by an initializer
     input_order: list = field(default_factory=list)  # every graph input's name, as the input lists them
+    dim_params: dict = field(default_factory=dict)  # io symbols renamed on load (new -> original name)
 
     @classmethod
     def of(cls, model: onnx.ModelProto, had_external_data: bool = False, base_dir: str = "") -> "ModelMeta":
@@ -164,7 +165,45 @@ def load_model(source: "str | os.PathLike | onnx.ModelProto") -> tuple[onnx.Mode
         external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model)
     )
     base_dir = "" if isinstance(source, onnx.ModelProto) else str(Path(source).resolve().parent)
-    return model, ModelMeta.of(model, had_external_data=has_ext, base_dir=base_dir)
+    meta = ModelMeta.of(model, had_external_data=has_ext, base_dir=base_dir)
+    meta.dim_params = _name_io_symbols(model)
+    return model, meta
+
+
+def _io_dims(model: onnx.ModelProto):
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            yield from vi.type.tensor_type.shape.dim
+
+
+def _name_io_symbols(model: onnx.ModelProto) -> dict:
+    """Give declared graph input/output symbols spelled like inferred unknowns (tf2onnx names
+    every None dimension unk__N) a name that is not, so the analysis treats them as the named
+    symbols they are (e.g. a batch axis it can fold with heads). Returns new -> original name,
+    which :func:`restore_io_symbols` undoes on the result."""
+    declared = {d.dim_param for vi in list(model.graph.input) + list(model.graph.output)
+                if vi.type.HasField("tensor_type") for d in vi.type.tensor_type.shape.dim}
+    taken = {d.dim_param for d in _io_dims(model)}
+    renames = {}
+    for old in sorted(q for q in declared if q.startswith("unk__")):
+        new = "sym_" + old
+        while new in taken:
+            new += "_"
+        taken.add(new)
+        renames[old] = new
+    for d in _io_dims(model):
+        if d.dim_param in renames:
+            d.dim_param = renames[d.dim_param]
+    return {new: old for old, new in renames.items()}
+
+
+def restore_io_symbols(model: onnx.ModelProto, meta: ModelMeta) -> onnx.ModelProto:
+    """Put back the graph input/output symbol names :func:`load_model` renamed (in place)."""
+    if meta.dim_params:
+        for d in _io_dims(model):
+            if d.dim_param:  # also inside products such as 4*sym_unk__3 (batch x heads)
+                d.dim_param = "*".join(meta.dim_params.get(q, q) for q in d.dim_param.split("*"))
+    return model
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:

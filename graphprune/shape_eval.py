@@ -37,8 +37,11 @@ def evaluate_node(node: gs.Node, feeds: dict, opsets: list) -> list[np.ndarray]:
 class ShapeEvaluator:
     """Evaluates small integer tensors computed from shapes; None where it cannot."""
 
-    def __init__(self, graph: gs.Graph, opsets: list):
+    def __init__(self, graph: gs.Graph, opsets: list, resize: dict | None = None):
+        """`resize`: (tensor, axis) -> (num, den): `Shape` reads that axis as size * num / den
+        (what the graph computes at run time once channels were removed)."""
         self.opsets = opsets
+        self.resize = resize or {}
         self.producer: dict[str, gs.Node] = {}
         for node in graph.nodes:
             for t in node.outputs:
@@ -49,6 +52,15 @@ class ShapeEvaluator:
     def _symbol_value(name: str, run: int) -> int:
         h = sum(ord(c) * (i + 1) for i, c in enumerate(name)) % 997
         return (6007 if run == 0 else 7919) + h * (13 if run == 0 else 17)
+
+    @classmethod
+    def _dim_value(cls, name: str, run: int) -> int:
+        """A symbolic size's value in one run; a product such as '4*batch' (a batch axis merged
+        with a static factor, written by the shape refinement) is the product of its parts."""
+        parts = [q.strip() for q in name.split("*")]
+        if len(parts) > 1 and all(q.isdigit() or q.isidentifier() for q in parts):
+            return int(np.prod([int(q) if q.isdigit() else cls._symbol_value(q, run) for q in parts]))
+        return cls._symbol_value(name, run)
 
     def _value(self, t: gs.Tensor, run: int, depth: int = 0):
         if isinstance(t, gs.Constant):
@@ -75,9 +87,12 @@ class ShapeEvaluator:
                 if isinstance(d, (int, np.integer)) and d >= 0:
                     dims.append(int(d))
                 elif isinstance(d, str):  # named or inferred (unk__N) symbols alike
-                    dims.append(self._symbol_value(d, run))
+                    dims.append(self._dim_value(d, run))
                 else:
                     return None
+            for k in range(len(dims)):
+                num, den = self.resize.get((node.inputs[0].name, k), (1, 1))
+                dims[k] = dims[k] * num // den
             if node.op == "Size":
                 return np.array(int(np.prod(dims)), dtype=np.int64)
             r = len(dims)
@@ -119,8 +134,16 @@ class ShapeEvaluator:
             if x == y:
                 out.append(int(x))
                 continue
-            out.append(next((s for s in symbols
-                             if self._symbol_value(s, 0) == x and self._symbol_value(s, 1) == y), None))
+            found = next((s for s in symbols if self._dim_value(s, 0) == x and self._dim_value(s, 1) == y), None)
+            if found is None:  # k * symbol: a symbolic axis merged with static ones (batch * heads),
+                # or a symbol the input holds only inside such a product
+                bases = sorted({q.strip() for s in symbols for q in s.split("*") if q.strip().isidentifier()})
+                for s in bases:
+                    v0, v1 = self._symbol_value(s, 0), self._symbol_value(s, 1)
+                    if x % v0 == 0 and y % v1 == 0 and x // v0 == y // v1 >= 1:
+                        found = s if x // v0 == 1 else f"{x // v0}*{s}"
+                        break
+            out.append(found)
         return out
 
     def runs(self, t: gs.Tensor):

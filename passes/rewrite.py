@@ -9,6 +9,7 @@ import onnx_graphsurgeon as gs
 from graphprune.graph import tensor_shape
 from graphprune.oprules import RewriteContext
 from graphprune.pipeline import Pass, PassResult, PruneContext
+from graphprune.shape_eval import ShapeEvaluator
 
 __all__ = ["RewritePass", "apply_plan"]
 
@@ -33,6 +34,13 @@ def apply_plan(ctx: PruneContext) -> dict[tuple[str, int], np.ndarray]:
     orig_shapes = {name: tensor_shape(t) for name, t in tensors.items()}
     used = set(tensors)
     counter = itertools.count()
+    # shape sub-graphs as they run after the rewrite: Shape of a pruned tensor reads the kept sizes
+    resize = {}
+    for (n, a), idx in kept.items():
+        size = folded.get((n, a)) or (orig_shapes.get(n) or [None] * (a + 1))[a]
+        if isinstance(size, int) and size > 0:
+            resize[(n, a)] = (len(idx), size)
+    after = ShapeEvaluator(graph, model.meta.opset_imports, resize=resize)
 
     def namer(base: str) -> str:
         while True:
@@ -45,7 +53,7 @@ def apply_plan(ctx: PruneContext) -> dict[tuple[str, int], np.ndarray]:
         rule = ctx.registry.lookup(node.domain or "", node.op, model.opset)
         if rule is not None:
             rule.rewrite(RewriteContext(node, kept, orig_shapes, graph, namer, model.opset, model.value,
-                                        folded, model.shapes.runs))
+                                        folded, model.shapes.runs, runs_after=after.runs))
     by_tensor: dict[str, list] = {}
     for (name, axis), idx in kept.items():
         by_tensor.setdefault(name, []).append((axis, idx))

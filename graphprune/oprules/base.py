@@ -340,6 +340,8 @@ class FactorBlock:
             return known[0]
         if len(known) > 1:
             return known[-1] if dg.policy.get("head_dim", False) else known[0]
+        if len(free) == 1 and not known:
+            return free[0]  # forced: every other axis is pinned (e.g. head_dim by Q.K^T), decide now
         if not fallback:
             return None
         pool = free or cands
@@ -376,9 +378,10 @@ class RewriteContext:
     """What an op rule sees of one node after channels were removed."""
 
     def __init__(self, node: gs.Node, kept: dict, orig_shapes: dict, graph: gs.Graph, namer, opset: int,
-                 value=const_values, folded: dict | None = None, runs=None):
+                 value=const_values, folded: dict | None = None, runs=None, runs_after=None):
         self.folded = folded or {}  # (tensor, axis) -> static units of a folded axis (dynamic x units)
         self.runs = runs  # runs(tensor) -> a shape tensor's values at two sets of symbol sizes, or None
+        self.runs_after = runs_after  # the same, as the pruned graph computes them (Shape of pruned tensors)
         self.node = node
         self.graph_opset = opset
         self.value = value  # value(tensor) -> np.ndarray | None (constants and static shape values)

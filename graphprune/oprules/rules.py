@@ -204,6 +204,24 @@ class Pool(OpRule):
                 ctx.tie(x, 1, out, 1)
 
 
+class GlobalPool(Pool):
+    """GlobalAveragePool/GlobalMaxPool/GlobalLpPool: a reduction over every axis after 1. tf2onnx
+    writes a mean over the last axis of [N, S, D] this way (Keras LayerNormalization): like
+    Reduce*, the reduced axes are pinned, except under prune_hidden, where the statistics are
+    taken over the kept elements."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        super().analyze(ctx)
+        x = ctx.input(0)
+        hidden = ctx.policy("prune_hidden", False)
+        for k in range(2, len(ctx.shape(x) or ())):
+            if hidden:
+                ctx.statistics(x, k)
+            else:
+                ctx.pin(x, k, "reduced axis: pruning it changes the reduction (--prune-hidden "
+                              "takes it over the kept channels)")
+
+
 def _axes(ctx: RuleContext, attr: str = "axes", input_index: int = 1):
     """Axes from the attribute or (newer opsets) a constant input; None if not constant."""
     if attr in ctx.attrs:
@@ -800,6 +818,10 @@ class Reshape(OpRule):
         changed = [k for k in range(len(ys)) if rctx.kept(y, k) is not None]
         folded = [k for k in changed if rctx.is_folded(y, k)]
         updates = {k: rctx.new_size(y, k) for k in changed if k not in folded}
+        after = rctx.runs_after(node.inputs[1]) if rctx.runs_after is not None else None
+        if after is not None and len(after[0]) == len(ys):
+            # entries read from the shape of a pruned tensor at run time already have the new size
+            updates = {k: v for k, v in updates.items() if not (after[0][k] == after[1][k] == v)}
         ratios = {}
         if folded:
             runs = rctx.runs(node.inputs[1]) if rctx.runs is not None else None
@@ -807,6 +829,10 @@ class Reshape(OpRule):
                 static = runs is not None and runs[0][k] == runs[1][k]
                 if static and (runs[0][k] == -1 or (runs[0][k] == 0 and not node.attrs.get("allowzero", 0))):
                     continue  # inferred from the (already smaller) input
+                n_kept, units = len(rctx.kept(y, k)), rctx.folded[(y.name, k)]
+                if runs is not None and after is not None and len(after[0]) == len(runs[0]) and all(
+                        int(after[i][k]) * units == int(runs[i][k]) * n_kept for i in (0, 1)):
+                    continue  # computed from the shape of a pruned tensor (tf2onnx): already smaller
                 ratios[k] = (len(rctx.kept(y, k)), rctx.folded[(y.name, k)])
         if updates and ratios:
             rctx.set_shape_entries(1, updates)
@@ -1123,8 +1149,10 @@ def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
     reg.register("InstanceNormalization", BatchNorm())
     reg.register("Gemm", Gemm())
     reg.register("MatMul", MatMul())
-    for op in ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
+    for op in ("MaxPool", "AveragePool", "LpPool"):
         reg.register(op, Pool())
+    for op in ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
+        reg.register(op, GlobalPool())
     for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
                "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"):
         reg.register(op, Reduce())
