@@ -128,9 +128,9 @@ def compare_outputs(a: list, b: list) -> dict:
     return {"max_abs": worst_abs, "max_rel": worst_rel}
 
 
-# sizes tried for dynamic non-batch axes: 8 first (cheap); detectors and other fully convolutional
-# nets with dynamic H/W need a multiple of their total stride (8x8 images collapse to 1x1 before
-# an upsample+concat), so larger sizes follow when the original does not run
+# sizes tried for the dynamic non-batch axes: 8 first (cheap); where an input has dynamic spatial
+# axes (detectors and other fully convolutional nets need a multiple of their total stride: 8x8
+# images collapse to 1x1 before an upsample+concat) larger sizes follow when the original fails
 SYNTHETIC_SIZES = (8, 64, 256, 640)
 
 
@@ -146,7 +146,7 @@ def _original_runs(original: Model, masked: onnx.ModelProto, batch: int, seed: i
             run_model(proto, feeds)
             return feeds, size
         except Exception as exc:  # onnxruntime's Fail / InvalidArgument / RuntimeException
-            if attempt + 1 < len(sizes) and _has_dynamic_axes(masked):
+            if attempt + 1 < len(sizes) and _has_dynamic_spatial_axes(masked):
                 continue
             from .errors import BadInputError
 
@@ -156,12 +156,13 @@ def _original_runs(original: Model, masked: onnx.ModelProto, batch: int, seed: i
                                 f"batch {batch}, other dynamic axes {size}): {msg[:300]}") from None
 
 
-def _has_dynamic_axes(model: onnx.ModelProto) -> bool:
-    """Whether some graph input has a dynamic axis besides the first (batch) one."""
+def _has_dynamic_spatial_axes(model: onnx.ModelProto) -> bool:
+    """Whether some graph input has a dynamic spatial axis (axis 2 or later: H/W, audio time);
+    a dynamic sequence (axis 1) stays at 8, larger sizes would only slow a large model down."""
     init = {t.name for t in model.graph.initializer}
     return any(not (d.HasField("dim_value") and d.dim_value > 0)
                for vi in model.graph.input if vi.name not in init
-               for d in list(vi.type.tensor_type.shape.dim)[1:])
+               for d in list(vi.type.tensor_type.shape.dim)[2:])
 
 
 def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: DependencyGraph, plan, groups,
