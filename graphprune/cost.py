@@ -32,8 +32,49 @@ def _vol(shape) -> float:
     return float(np.prod([_static(d) for d in shape])) if shape else 1.0
 
 
-def node_cost_terms(node: gs.Node) -> list[CostTerm]:
-    """MACs of one node (batch and other dynamic axes counted as 1)."""
+# dynamic spatial axes (images of any size: detectors, segmenters, fully convolutional nets) are
+# costed at this size, so layers at different strides keep their true MAC ratios
+SPATIAL_HINT_SIZE = 224
+
+
+def spatial_hints(model: Model) -> dict[str, tuple]:
+    """Conv/ConvTranspose spatial sizes for graphs whose spatial axes are dynamic: shape inference
+    with every dynamic non-batch input axis set to SPATIAL_HINT_SIZE. {} when all are static (or
+    inference fails). Cached on the model for its current graph."""
+    cached = model.__dict__.get("_spatial_hints")
+    if cached is not None and cached[0] is model.graph:
+        return cached[1]
+    names = []
+    for node in model.graph.nodes:
+        if node.op in ("Conv", "ConvTranspose") and len(node.inputs) > 1:
+            t = node.outputs[0] if node.op == "Conv" else node.inputs[0]
+            shape = tensor_shape(t)
+            if shape is not None and not all(isinstance(d, int) and d > 0 for d in shape[2:]):
+                names.append(t.name)
+    hints: dict[str, tuple] = {}
+    if names:
+        try:
+            proto = model.to_proto(infer=False, materialize_data=False)
+            for vi in proto.graph.input:
+                for k, d in enumerate(vi.type.tensor_type.shape.dim):
+                    if k > 0 and not (d.HasField("dim_value") and d.dim_value > 0):
+                        d.Clear()
+                        d.dim_value = SPATIAL_HINT_SIZE
+            del proto.graph.value_info[:]
+            fixed = Model.from_proto(proto, model.meta).graph.tensors()  # refines run-time shapes too
+            for name in names:
+                shape = tensor_shape(fixed[name]) if name in fixed else None
+                if shape is not None and len(shape) > 2 and all(isinstance(d, int) and d > 0 for d in shape[2:]):
+                    hints[name] = tuple(shape[2:])
+        except Exception:  # no hints: dynamic axes count as 1, as before
+            hints = {}
+    model.__dict__["_spatial_hints"] = (model.graph, hints)
+    return hints
+
+
+def node_cost_terms(node: gs.Node, spatial: dict | None = None) -> list[CostTerm]:
+    """MACs of one node (batch counted as 1; dynamic spatial axes of convs at `spatial`'s sizes
+    where given, see spatial_hints; other dynamic axes counted as 1)."""
     op = node.op
     name = node.name or node.outputs[0].name
     ins = [t if t.name else None for t in node.inputs]
@@ -42,7 +83,8 @@ def node_cost_terms(node: gs.Node) -> list[CostTerm]:
         ws, ys, xs = tensor_shape(w), tensor_shape(y), tensor_shape(x)
         if ws is None or ys is None or xs is None:
             return []
-        spatial = ys[2:] if op == "Conv" else xs[2:]
+        spatial_t = y if op == "Conv" else x
+        spatial = (spatial or {}).get(spatial_t.name) or (ys[2:] if op == "Conv" else xs[2:])
         coef = _vol(spatial) * _static(ys[0]) * _vol(ws[2:])
         return [CostTerm(name, coef, [(w.name, 0), (w.name, 1)])]
     if op in ("LSTM", "GRU", "RNN") and len(ins) > 2 and ins[1] is not None and ins[2] is not None:
@@ -118,8 +160,9 @@ def model_cost(model: Model) -> CostSummary:
         return _static(s[ax]) if s is not None and ax < len(s) else 1
 
     per_node = {}
+    hints = spatial_hints(model)
     for node in model.graph.nodes:
-        for term in node_cost_terms(node):
+        for term in node_cost_terms(node, hints):
             per_node[term.node] = per_node.get(term.node, 0.0) + _term_value(term, size)
     params = sum(_term_value(t, size) for t in param_cost_terms(model))
     return CostSummary(sum(per_node.values()), params, per_node)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphprune.cost import node_cost_terms, param_cost_terms
+from graphprune.cost import node_cost_terms, param_cost_terms, spatial_hints
 from graphprune.errors import BadInputError, NothingToPruneError
 from graphprune.pipeline import Pass, PassResult, PruneContext
 
@@ -36,7 +36,8 @@ class CostTracker:
         model = ctx.model
         self.sizes = np.array(dg.dim_size, dtype=np.float64)
         self.terms = {"macs": [], "params": []}
-        terms = {"macs": [t for n in model.graph.nodes for t in node_cost_terms(n)],
+        hints = spatial_hints(model)
+        terms = {"macs": [t for n in model.graph.nodes for t in node_cost_terms(n, hints)],
                  "params": param_cost_terms(model)}
         tensors = model.graph.tensors()
         from graphprune.graph import tensor_shape

@@ -834,6 +834,7 @@ class Reshape(OpRule):
                         int(after[i][k]) * units == int(runs[i][k]) * n_kept for i in (0, 1)):
                     continue  # computed from the shape of a pruned tensor (tf2onnx): already smaller
                 ratios[k] = (len(rctx.kept(y, k)), rctx.folded[(y.name, k)])
+        updates.update(_pinned_runtime_entries(rctx, node.inputs[1], ys, set(updates) | set(folded)))
         if updates and ratios:
             rctx.set_shape_entries(1, updates)
             rctx.scale_shape_entries(1, ratios)
@@ -841,6 +842,37 @@ class Reshape(OpRule):
             rctx.set_shape_entries(1, updates)
         else:
             rctx.scale_shape_entries(1, ratios)
+
+
+def _shape_sources(t: gs.Tensor, limit: int = 256) -> list:
+    """The tensors whose Shape/Size a run-time shape tensor reads (its producer sub-graph)."""
+    seen, stack, sources = set(), [t], []
+    while stack and len(seen) < limit:
+        cur = stack.pop()
+        if isinstance(cur, gs.Constant) or not cur.name or cur.name in seen or not cur.inputs:
+            continue
+        seen.add(cur.name)
+        node = cur.inputs[0]
+        if node.op in ("Shape", "Size"):
+            sources.append(node.inputs[0])
+        else:
+            stack.extend(node.inputs)
+    return sources
+
+
+def _pinned_runtime_entries(rctx: RewriteContext, shape: gs.Tensor, ys, skip: set) -> dict[int, int]:
+    """A target shape computed at run time from Shape of a tensor whose channels were removed
+    (x.view(B, x.shape[1], H, W) with the output's channels coupled to something else) would take
+    the new size of that tensor: its static entries become constants at the output's own sizes."""
+    if isinstance(shape, gs.Constant) or rctx.runs is None or ys is None:
+        return {}
+    if not any(rctx.changed(src) for src in _shape_sources(shape)):
+        return {}
+    runs = rctx.runs(shape)
+    if runs is None or runs[0].ndim != 1 or len(runs[0]) != len(ys):
+        return {}
+    return {k: int(size) for k, size in enumerate(ys)
+            if k not in skip and isinstance(size, int) and runs[0][k] == runs[1][k] == size}
 
 
 class Pad(OpRule):
