@@ -834,7 +834,7 @@ class Reshape(OpRule):
                         int(after[i][k]) * units == int(runs[i][k]) * n_kept for i in (0, 1)):
                     continue  # computed from the shape of a pruned tensor (tf2onnx): already smaller
                 ratios[k] = (len(rctx.kept(y, k)), rctx.folded[(y.name, k)])
-        updates.update(_pinned_runtime_entries(rctx, node.inputs[1], ys, set(updates) | set(folded)))
+        updates.update(_pinned_runtime_entries(rctx, node.inputs[1], ys, set(changed) | set(folded)))
         if updates and ratios:
             rctx.set_shape_entries(1, updates)
             rctx.scale_shape_entries(1, ratios)
