@@ -223,3 +223,91 @@ def test_opset_below_7_is_a_one_line_bad_input():
     text = '<ir_version: 3, opset_import: ["" : 6]>\ng (float[N,4] x) => (float[N,4] y) {\n  y = Relu (x)\n}'
     with pytest.raises(BadInputError, match="unsupported opset 6"):
         graphprune.analyze(onnx.parser.parse_model(text))
+
+
+# -- rewriting a run-time shape before opset 9 (no Where; Greater on floats only) ------------------
+
+@pytest.mark.parametrize("opset", [7, 8])
+def test_runtime_flatten_shape_with_a_channel_entry(opset):
+    # paddle2onnx's flatten before the classifier: Reshape(p, Concat(Slice(Shape(p), 0:1), [32]));
+    # the 32 entry is rewritten in the run-time shape without Where (opset 9)
+    model = cnn("m = Identity (h)", opset)
+    for n in model.graph.node:
+        if n.op_type == "Flatten":
+            n.op_type, n.input[:] = "Reshape", [n.input[0], "fs"]
+            n.ClearField("attribute")
+    model.graph.node.extend([
+        onnx.helper.make_node("Shape", ["p"], ["ps"]),
+        onnx.helper.make_node("Slice", ["ps"], ["pb"], starts=[0], ends=[1], axes=[0]),
+        onnx.helper.make_node("Concat", ["pb", "c32"], ["fs"], axis=0),
+    ])
+    model.graph.initializer.append(onnx.numpy_helper.from_array(i64(32), "c32"))
+    if model.ir_version < 4:
+        model.graph.input.append(onnx.helper.make_tensor_value_info("c32", onnx.TensorProto.INT64, [1]))
+    model = _topo(model)
+    onnx.checker.check_model(model, full_check=True)
+    result = check(model, [32, 32])
+    ops = {n.op_type for n in result.model.graph.node}
+    assert "Where" not in ops
+
+
+def _topo(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Nodes in topological order (appended shape nodes feed an earlier Reshape)."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = model.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    if model.ir_version < 4:  # gs drops initializers from the inputs
+        names = {i.name for i in out.graph.input}
+        for init in out.graph.initializer:
+            if init.name not in names:
+                out.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+    return out
+
+
+def _folded_runtime(opset: int) -> onnx.ModelProto:
+    """x [batch, 5, 64] -> q [batch, 5, 4, 16] -> [batch, 4, 5, 16] -> [batch*4, 5, 16], that first entry
+    computed at run time (Shape -> Slice-1 -> Mul 4) -> attention of q with itself -> back -> y."""
+    text = f'''<ir_version: {_ir(opset) if opset >= 8 else 4}, opset_import: ["" : {opset}]>
+g (float[batch,5,64] x) => (float[batch,5,64] y) {{
+  q = MatMul (x, wq)
+  q4 = Reshape (q, s4)
+  qt = Transpose <perm=[0,2,1,3]> (q4)
+  xs = Shape (x)
+  b = Slice <starts=[0], ends=[1], axes=[0]> (xs)
+  bh = Mul (b, four)
+  s3 = Concat <axis=0> (bh, tail)
+  m = Reshape (qt, s3)
+  mt = Transpose <perm=[0,2,1]> (m)
+  sc = MatMul (m, mt)
+  p = Softmax <axis=2> (sc)
+  r = MatMul (p, m)
+  rb = Reshape (r, sb)
+  rt = Transpose <perm=[0,2,1,3]> (rb)
+  h = Reshape (rt, s2)
+  y = MatMul (h, wo)
+}}'''
+    rng = np.random.default_rng(1)
+    weights = {"wq": (rng.standard_normal((64, 64)) / 8).astype(np.float32),
+               "wo": (rng.standard_normal((64, 64)) / 8).astype(np.float32),
+               "s4": i64(0, 5, 4, 16), "four": i64(4), "tail": i64(5, 16), "sb": i64(-1, 4, 5, 16),
+               "s2": i64(0, 5, 64)}
+    model = onnx.parser.parse_model(text)
+    return _finish(text, weights, ir=model.ir_version, as_inputs=model.ir_version < 4)
+
+
+@pytest.mark.parametrize("opset", [8, 9])
+def test_folded_heads_with_runtime_shape_before_opset9(opset):
+    model = _folded_runtime(opset)
+    heads = [g for g in graphprune.analyze(model).groups if g.kind == "heads"]
+    assert len(heads) == 1 and heads[0].size == 4
+    result = assert_oracle(model, target_flops=0.6, round_to=1)
+    out = result.model
+    assert out.ir_version == model.ir_version and out.opset_import[0].version == opset
+    kept = {i.name: list(i.dims) for i in out.graph.initializer}
+    assert kept["wq"][1] in (16, 32, 48)
+    assert ("Where" in {n.op_type for n in out.graph.node}) == (opset >= 9)
