@@ -1,6 +1,6 @@
 """Old opsets (7-11) and old IR versions (3-6): the op versions whose parameters are attributes
 (Slice-1, Pad-2, Clip-6, Split-2, Squeeze/Unsqueeze-1, ReduceMean-1, Upsample, Dropout-7 with a
-mask, BatchNormalization-7 with ``spatial``), initializers listed as graph inputs (IR 3), and the
+mask, BatchNormalization-7 with ``spatial``, also per-element: spatial=0), initializers listed as graph inputs (IR 3), and the
 run-time reshapes TorchScript writes before opset 13 (Shape -> Gather -> Unsqueeze-1 -> Concat),
 which onnx's own data propagation cannot follow. Every case prunes to half the MACs, passes the
 mask-equivalence oracle and onnx.checker, and keeps the input's IR version and opsets."""
@@ -119,6 +119,10 @@ CASES = {
                               "  e2 = Unsqueeze <axes=[2,3]> (e)\n  m = Mul (h, e2)", 10, {}, 32, [32, 32]),
     "dropout10_ratio_attr": ("m = Dropout <ratio=0.3> (h)", 10, {}, 32, [32, 32]),
     "sum8_variadic": ("a = Sigmoid (h)\n  a2 = Tanh (h)\n  m = Sum (h, a, a2)", 8, {}, 32, [32, 32]),
+    "batchnorm7_spatial0": ("m = BatchNormalization <spatial=0> (h, S2, O2, M2, V2)", 7,
+                            {"S2": np.linspace(0.5, 1.5, 32 * 256, dtype=np.float32).reshape(32, 16, 16),
+                             "O2": (32, 16, 16), "M2": (32, 16, 16),
+                             "V2": np.linspace(1.5, 0.5, 32 * 256, dtype=np.float32).reshape(32, 16, 16)}, 32, [32, 32]),
     "unsqueeze1_on_a_bias": ("bb = Unsqueeze <axes=[1,2]> (Bx)\n  m = Add (h, bb)", 9, {"Bx": (32,)}, 32, [32, 32]),
 }
 
