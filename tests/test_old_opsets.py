@@ -315,3 +315,30 @@ def test_folded_heads_with_runtime_shape_before_opset9(opset):
     kept = {i.name: list(i.dims) for i in out.graph.initializer}
     assert kept["wq"][1] in (16, 32, 48)
     assert ("Where" in {n.op_type for n in out.graph.node}) == (opset >= 9)
+
+
+# -- a node whose output has no inferable rank, beside a pruned path ---------------------------------
+
+def test_reshape_of_unknown_rank_beside_a_pruned_path():
+    # z = Reshape(x, s) with s a graph input of unknown length: z has no rank; the rewrite used to fail
+    # on it (internal error) although the analysis pins the node and nothing of it changes
+    text = ('<ir_version: 4, opset_import: ["" : 9]>\n'
+            'g (float[N,3,8,8] x, int64[K] s) => (float[N,8,8,8] y, float[] t) {\n'
+            '  h = Conv <pads=[1,1,1,1]> (x, W1, B1)\n  r = Relu (h)\n  y = Conv (r, W2, B2)\n'
+            '  z = Reshape (x, s)\n  t = ReduceSum <keepdims=0> (z)\n}')
+    model = onnx.parser.parse_model(text)
+    model.graph.output[1].type.tensor_type.shape.SetInParent()  # a scalar (the parser leaves no shape)
+    rng = np.random.default_rng(0)
+    for name, shape in {"W1": (16, 3, 3, 3), "B1": (16,), "W2": (8, 16, 1, 1), "B2": (8,)}.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(random_weight(rng, shape), name))
+    onnx.checker.check_model(model, full_check=True)
+    result = graphprune.prune(model, target_flops=TARGET, round_to=1)
+    assert BAND[0] <= result.report["macs_ratio"] <= BAND[1]
+    onnx.checker.check_model(result.model, full_check=True)
+    w = {i.name: tuple(i.dims) for i in result.model.graph.initializer}
+    assert w["W1"][0] == w["W2"][1] < 16
+    import onnxruntime as ort
+    sess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    y, t = sess.run(None, {"x": x, "s": i64(2, -1)})
+    assert y.shape == (2, 8, 8, 8) and np.isclose(t, x.sum(), rtol=1e-4)
