@@ -132,6 +132,25 @@ def _export(graph: gs.Graph, meta: ModelMeta) -> onnx.ModelProto:
     return meta.apply(proto)
 
 
+def _factors(dims) -> tuple[list, int]:
+    """The symbols and the static product of a shape; a product symbol ('b*s*4') is split."""
+    syms, k = [], 1
+    for d in dims:
+        if isinstance(d, (int, np.integer)):
+            k *= int(d)
+        elif isinstance(d, str) and "*" in d and all(p.strip().isdigit() or p.strip().isidentifier()
+                                                     for p in d.split("*")):
+            for part in d.split("*"):
+                part = part.strip()
+                if part.isdigit():
+                    k *= int(part)
+                else:
+                    syms.append(part)
+        else:
+            syms.append(d)
+    return syms, k
+
+
 def _unknown(d) -> bool:
     return d is None or (isinstance(d, str) and d.startswith("unk__"))
 
@@ -185,6 +204,18 @@ def _refine_broadcast(node: gs.Node, refined: dict | None) -> bool:
     """An unknown output dim of a broadcasting op is n when an input has n > 1 there."""
     y = node.outputs[0]
     ys = tensor_shape(y)
+    shapes = [tensor_shape(t) for t in node.inputs if t.name]
+    if ys is None and shapes and all(s is not None for s in shapes):
+        # no inferred shape at all (an input was unknown when onnx ran): the rank is the largest
+        # input rank, and an axis that is 1 (or absent) in every input is 1
+        rank = max(len(s) for s in shapes)
+        ys = [1 if all(s[k - rank + len(s)] == 1 for s in shapes if k - rank + len(s) >= 0) else None
+              for k in range(rank)]
+        y.shape = list(ys)
+        if refined is not None:
+            refined[y.name] = list(ys)
+        if not any(_unknown(d) for d in ys):
+            return True
     if ys is None or not any(_unknown(d) for d in ys):
         return False
     new = list(ys)
@@ -338,6 +369,24 @@ def _remaining_factor(xs, others):
     return "*".join(([str(k)] if k != 1 else []) + sorted(syms))
 
 
+def _refine_dropout_mask(node: gs.Node, opsets: list, refined: dict | None) -> bool:
+    """Dropout's mask has the data input's shape (onnx infers only output 0 before opset 12);
+    its type is the data's before opset 10 (Dropout-7), bool after."""
+    if len(node.outputs) < 2 or not node.outputs[1].name or tensor_shape(node.outputs[1]) is not None:
+        return False
+    xs = tensor_shape(node.inputs[0])
+    if xs is None:
+        return False
+    mask = node.outputs[1]
+    mask.shape = list(xs)
+    if mask.dtype is None:
+        version = max(o.version for o in opsets if o.domain in ("", "ai.onnx"))
+        mask.dtype = node.inputs[0].dtype if version < 10 else np.dtype(bool)
+    if refined is not None:
+        refined[mask.name] = list(xs)
+    return True
+
+
 def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) -> bool:
     """Fill unknown output dims of Reshape/Expand from static shape values or by cancelling
     symbolic dims (reshape(b, s, -1)), of Slice from static bounds, of broadcasting ops from
@@ -347,6 +396,8 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
     ev = None
     symbols = None
     for node in graph.nodes:
+        if node.op == "Dropout" and (node.domain or "") in ("", "ai.onnx"):
+            changed = _refine_dropout_mask(node, opsets, refined) or changed
         if node.op not in _BROADCAST and node.op not in ("Slice", "Reshape", "Flatten", "Expand"):
             ev = ev or ShapeEvaluator(graph, opsets)
             changed = _refine_node(node, opsets, refined, ev) or changed
@@ -365,14 +416,22 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
             continue
         x, y = node.inputs[0], node.outputs[0]
         xs, ys = tensor_shape(x), tensor_shape(y)
-        if xs is None or (node.op != "Expand" and any(d is None for d in xs)):
+        # a Reshape whose target is fully static/symbolic needs no input dims (a dynamic axis the
+        # previous reshape merged, [b*s, C] -> [b, s, C], is unknown until the next round otherwise)
+        partial = xs is not None and any(d is None for d in xs)
+        if xs is None or (node.op not in ("Expand", "Reshape") and partial):
             continue
         if ys is not None and not any(_unknown(d) and d not in xs for d in ys):
             continue
         new = list(ys) if ys is not None else None
         if node.op in ("Reshape", "Expand") and len(node.inputs) > 1:
             ev = ev or ShapeEvaluator(graph, opsets)
-            in_symbols = sorted({d for d in xs if isinstance(d, str)})
+            if symbols is None:
+                symbols = sorted({d for t in graph.tensors().values() for d in (tensor_shape(t) or ())
+                                  if isinstance(d, str) and not _unknown(d)})
+            # the target may be built from the shape of another tensor (Shape -> Gather -> Unsqueeze
+            # -> Concat); onnx's data propagation misses that before opset 13 (Unsqueeze-1 attrs)
+            in_symbols = sorted({d for d in xs if isinstance(d, str)} | set(symbols))
             vals = ev.symbolic(node.inputs[1], in_symbols)
             if vals is not None:
                 if node.op == "Expand":
@@ -399,23 +458,21 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
         if new is None:
             continue
         unknown = [k for k, d in enumerate(new) if d is None or (_unknown(d) and d not in xs)]
-        if len(unknown) == 1 and node.op != "Expand":
-            left = [d for d in xs if isinstance(d, str)]  # input symbols not matched in the output
-            matched = True
-            for k, d in enumerate(new):
-                if isinstance(d, str) and k not in unknown:
-                    if d in left:
-                        left.remove(d)
-                    else:
-                        matched = False
-            p_in = int(np.prod([d for d in xs if isinstance(d, int)]))
-            p_out = int(np.prod([d for d in new if isinstance(d, int)]))
-            if matched and not left and p_out > 0 and p_in % p_out == 0:
-                new[unknown[0]] = p_in // p_out
-            elif matched and len(left) == 1 and p_in == p_out:
+        if len(unknown) == 1 and node.op != "Expand" and not partial:
+            left, p_in = _factors(xs)  # input symbols not matched in the output
+            out_syms, p_out = _factors([d for k, d in enumerate(new) if k not in unknown])
+            matched = all(d in left and not left.remove(d) for d in out_syms)
+            ratio = p_in // p_out if p_out > 0 and p_in % p_out == 0 else None
+            if matched and not left and ratio is not None:
+                new[unknown[0]] = ratio
+            elif matched and len(left) == 1 and ratio == 1:
                 new[unknown[0]] = left[0]
             elif (rest := _remaining_factor(xs, [d for k, d in enumerate(new) if k != unknown[0]])) is not None:
                 new[unknown[0]] = rest  # e.g. [b, 4, 16, 32] -> [4*b, -1, 32]: the -1 is 16
+            elif matched and left and ratio is not None and not any(_unknown(d) for d in left):
+                # dynamic axes merged into one ([b, s, C] -> [-1, C]): a product symbol, 'b*s', that
+                # a later reshape back ([b*s, C'] -> [b, s, -1]) can divide out again
+                new[unknown[0]] = "*".join(left + ([str(ratio)] if ratio != 1 else []))
         def known(d):
             return d is not None and (not _unknown(d) or d in xs)
 

@@ -50,6 +50,10 @@ class ShapeEvaluator:
 
     @staticmethod
     def _symbol_value(name: str, run: int) -> int:
+        parts = [p.strip() for p in name.split("*")]
+        if len(parts) > 1 and all(p.isdigit() or p.isidentifier() for p in parts):
+            # a product symbol ('batch*seq') is the product of its factors' values
+            return int(np.prod([int(p) if p.isdigit() else ShapeEvaluator._symbol_value(p, run) for p in parts]))
         h = sum(ord(c) * (i + 1) for i, c in enumerate(name)) % 997
         return (6007 if run == 0 else 7919) + h * (13 if run == 0 else 17)
 

@@ -49,8 +49,12 @@ def apply_plan(ctx: PruneContext) -> dict[tuple[str, int], np.ndarray]:
                 used.add(name)
                 return name
 
+    changed = {name for name, _axis in kept}
     for node in list(graph.nodes):
         rule = ctx.registry.lookup(node.domain or "", node.op, model.opset)
+        names = [t.name for t in (*node.inputs, *node.outputs) if t.name]
+        if any(orig_shapes.get(n) is None for n in names) and not any(n in changed for n in names):
+            continue  # a tensor of unknown shape: the analysis pinned the node, nothing of it changed
         if rule is not None:
             rule.rewrite(RewriteContext(node, kept, orig_shapes, graph, namer, model.opset, model.value,
                                         folded, model.shapes.runs, runs_after=after.runs))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ..graph import const_values, tensor_shape
@@ -440,12 +441,24 @@ class RewriteContext:
             return gs.Variable(self._namer(f"{base}_{hint}"), dtype=dtype, shape=[rank])
 
         mul, div, pos, out = var("shape_mul"), var("shape_div"), var("shape_pos", np.bool_), var("shape")
-        for op, inputs, output in (("Mul", [t, self.constant(num, "num")], mul),
-                                   ("Div", [mul, self.constant(den, "den")], div),
-                                   ("Greater", [t, self.constant(np.zeros(rank, np.int64), "zero")], pos),
-                                   ("Where", [pos, div, t], out)):
-            self.graph.nodes.append(gs.Node(op, name=self._namer(f"{base}_{op.lower()}"), inputs=inputs,
-                                            outputs=[output]))
+        if self.graph_opset >= 9:
+            steps = (("Mul", [t, self.constant(num, "num")], mul, {}),
+                     ("Div", [mul, self.constant(den, "den")], div, {}),
+                     ("Greater", [t, self.constant(np.zeros(rank, np.int64), "zero")], pos, {}),
+                     ("Where", [pos, div, t], out, {}))
+        else:  # no Where, and Greater on floats only: t + int(float(t) > 0) * (div - t)
+            tf, posi, diff, step = var("shape_f", np.float32), var("shape_posi"), var("shape_diff"), var("shape_step")
+            steps = (("Mul", [t, self.constant(num, "num")], mul, {}),
+                     ("Div", [mul, self.constant(den, "den")], div, {}),
+                     ("Cast", [t], tf, {"to": onnx.TensorProto.FLOAT}),
+                     ("Greater", [tf, self.constant(np.zeros(rank, np.float32), "zero")], pos, {}),
+                     ("Cast", [pos], posi, {"to": onnx.TensorProto.INT64}),
+                     ("Sub", [div, t], diff, {}),
+                     ("Mul", [posi, diff], step, {}),
+                     ("Add", [t, step], out, {}))
+        for op, inputs, output, attrs in steps:
+            self.graph.nodes.append(gs.Node(op, name=self._namer(f"{base}_{op.lower()}"), attrs=attrs,
+                                            inputs=inputs, outputs=[output]))
         self.node.inputs[index] = out
 
     def constant(self, values: np.ndarray, hint: str = "c") -> gs.Constant:
@@ -475,8 +488,16 @@ class RewriteContext:
         new = np.zeros(rank, dtype=np.int64)
         for k, v in updates.items():
             mask[k], new[k] = True, v
-        out = gs.Variable(self._namer(f"{self.node.name or self.node.op}_shape"), dtype=np.int64, shape=[rank])
-        where = gs.Node("Where", name=self._namer(f"{self.node.name or self.node.op}_shape_where"),
-                        inputs=[self.constant(mask, "mask"), self.constant(new, "new"), t], outputs=[out])
-        self.graph.nodes.append(where)
+        base = self.node.name or self.node.op
+        out = gs.Variable(self._namer(f"{base}_shape"), dtype=np.int64, shape=[rank])
+        if self.graph_opset >= 9:
+            where = gs.Node("Where", name=self._namer(f"{base}_shape_where"),
+                            inputs=[self.constant(mask, "mask"), self.constant(new, "new"), t], outputs=[out])
+            self.graph.nodes.append(where)
+        else:  # Where is opset 9: t * (1 - mask) + new, in int64
+            kept = gs.Variable(self._namer(f"{base}_shape_kept"), dtype=np.int64, shape=[rank])
+            self.graph.nodes.append(gs.Node("Mul", name=self._namer(f"{base}_shape_mul"), outputs=[kept],
+                                            inputs=[t, self.constant((~mask).astype(np.int64), "keep")]))
+            self.graph.nodes.append(gs.Node("Add", name=self._namer(f"{base}_shape_add"), outputs=[out],
+                                            inputs=[kept, self.constant(new, "new")]))
         self.node.inputs[index] = out
