@@ -196,6 +196,7 @@ def _refine_slice(node: gs.Node, ev: ShapeEvaluator, refined: dict | None, symbo
     return True
 
 
+_SAME_SHAPE = {"GroupNormalization", "MeanVarianceNormalization", "LRN"}
 _BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Greater", "Less",
               "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "PRelu"}
 
@@ -398,6 +399,17 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
     for node in graph.nodes:
         if node.op == "Dropout" and (node.domain or "") in ("", "ai.onnx"):
             changed = _refine_dropout_mask(node, opsets, refined) or changed
+        if node.op in _SAME_SHAPE and (node.domain or "") in ("", "ai.onnx") and node.outputs and node.inputs:
+            # function ops onnx does not always infer (GroupNormalization-21): the output is the input's shape
+            xs, y = tensor_shape(node.inputs[0]), node.outputs[0]
+            if xs is not None and tensor_shape(y) is None:
+                y.shape = list(xs)
+                if y.dtype is None:
+                    y.dtype = node.inputs[0].dtype
+                if refined is not None:
+                    refined[y.name] = list(xs)
+                changed = True
+            continue
         if node.op not in _BROADCAST and node.op not in ("Slice", "Reshape", "Flatten", "Expand"):
             ev = ev or ShapeEvaluator(graph, opsets)
             changed = _refine_node(node, opsets, refined, ev) or changed

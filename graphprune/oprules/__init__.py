@@ -7,6 +7,7 @@ from .contrib import register_contrib_rules
 from .quant import register_quant_rules
 from .recurrent import register_recurrent_rules
 from .fill import register_fill_rules
+from .norm import register_norm_rules
 from .rules import BROADCAST_OPS, UNARY_OPS, register_builtin_rules
 
 __all__ = ["OpRule", "OpRuleRegistry", "RuleContext", "RewriteContext", "FactorBlock",
@@ -18,6 +19,7 @@ register_attention_rules(_GLOBAL)
 register_quant_rules(_GLOBAL)
 register_recurrent_rules(_GLOBAL)
 register_fill_rules(_GLOBAL)
+register_norm_rules(_GLOBAL)
 
 
 def default_registry() -> OpRuleRegistry:
