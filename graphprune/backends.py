@@ -540,6 +540,10 @@ class TensorRTBackend(Backend):
 
 
 def _import_torch_cuda(device: str):
+    import importlib.util
+
+    if importlib.util.find_spec("onnx2torch") is None:  # say so without importing torch (seconds)
+        raise BackendUnavailable("onnx2torch is not installed: pip install onnx2torch (it needs torchvision)")
     try:
         import torch
     except ImportError:
