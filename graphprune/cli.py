@@ -81,6 +81,10 @@ def _add_width_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-kv-cache", action="store_true",
                    help="decoders with past/present key-value graph inputs/outputs: allow head pruning, which "
                         "changes the cache shapes (reported per input/output); pinned otherwise")
+    p.add_argument("--no-deploy-folder", action="store_true",
+                   help="a model in an onnxruntime-genai (genai_config.json) or Hugging Face (config.json) folder: "
+                        "do not treat it as a deployment folder (default: the same heads in every layer, the KV "
+                        "cache follows, the config is rewritten and tokenizer files copied beside -o)")
 
 
 def _policy(args) -> dict:
@@ -200,7 +204,13 @@ def _run_prune(args) -> int:
     if args.target_latency is not None and (args.target_flops is not None or args.target_params is not None):
         raise BadInputError("--target-latency chooses the FLOPs target itself; drop --target-flops/--target-params")
     src = Path(args.model)
+    from .deploy import DEPLOY_POLICY, check_output, default_output, detect_folder
+
+    folder = None if getattr(args, "no_deploy_folder", False) else detect_folder(str(src))
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}.pruned.onnx")
+    if folder is not None:
+        out = Path(args.output) if args.output else Path(default_output(folder, str(src)))
+        check_output(folder, str(out))
     if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
         raise BadInputError(f"output {out} is the input file; choose another -o")
     if out.is_dir():
@@ -208,12 +218,13 @@ def _run_prune(args) -> int:
     if args.calib_preprocess and not args.calib:
         raise BadInputError("--calib-preprocess needs --calib (a folder of images)")
     progress = not args.quiet and sys.stderr.isatty()
+    policy = _policy(args) | (DEPLOY_POLICY if folder else {})
     common = dict(criterion=args.criterion, round_to=args.round_to, min_keep=args.min_keep, protect=args.protect,
                   uniform=args.uniform, seed=args.seed, verify=args.verify, progress=progress,
                   gqa_uniform=args.gqa_uniform, calib=args.calib, calib_samples=args.calib_samples,
                   calib_preprocess=args.calib_preprocess, compensate=args.compensate,
                   compensate_select=args.compensate_select, compensate_residual=args.compensate_residual,
-                  fidelity=True if args.fidelity else None, policy=_policy(args))
+                  fidelity=True if args.fidelity else None, policy=policy)
     if args.target_latency is not None:
         from .bench import bench_kwargs
         from .latency import prune_to_latency
@@ -227,6 +238,10 @@ def _run_prune(args) -> int:
     except OSError as exc:
         raise BadInputError(f"cannot write {out}: {exc.strerror or exc}") from None
     r = result.report
+    if folder is not None:
+        from .deploy import write_folder
+
+        r["deploy_folder"] = write_folder(folder, str(out), result.model, r)
     if args.bench:
         from .bench import bench_from_args
 
@@ -258,6 +273,9 @@ def _run_prune(args) -> int:
                 print("kv cache  " + "\n          ".join(format_cache_shapes(kv)))
             else:
                 print(f"kv cache  {len(kv)} inputs/outputs unchanged ({FLAG} allows pruning their heads)")
+        if "deploy_folder" in r:
+            d = r["deploy_folder"]
+            print(f"folder  {d['config']}: {d['set']}; copied {', '.join(d['copied']) or 'nothing'}")
         if "oracle" in r:
             o = r["oracle"]
             worst = max(v["max_rel"] for k, v in o.items() if k.startswith("batch"))

@@ -1,0 +1,186 @@
+"""onnxruntime-genai builder folders: packed GroupQueryAttention, (Skip)SimplifiedLayerNormalization,
+deployment folder mode (uniform heads, config rewritten, files copied), decoder verify inputs.
+
+The fixtures in tests/data/genai are the builder's own output (`python -m onnxruntime_genai.models.builder
+-p fp32 -e cpu`) for random-init 2-layer LLaMA (4 query heads, 2 KV heads) and Phi-3 (4/4) folders made by
+`models/llm_folders.py`; the generation test runs them in onnxruntime-genai when .venv-genai exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+import graphprune
+from graphprune.cli import main as cli_main
+from graphprune.deploy import graph_dimensions
+from graphprune.runtime import PAST_TOKENS, run_model, synthetic_inputs
+
+HERE = os.path.dirname(__file__)
+ROOT = os.path.dirname(HERE)
+FIXTURES = {name: os.path.join(HERE, "data", "genai", name) for name in ("llama_fp32", "phi3_fp32")}
+GENAI_PYTHON = os.path.join(ROOT, ".venv-genai", "bin", "python")
+
+
+def _copy(name: str, tmp_path) -> str:
+    dst = tmp_path / name
+    shutil.copytree(FIXTURES[name], dst)
+    return str(dst)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _check(model: onnx.ModelProto) -> None:
+    """onnx.checker with full shape inference. The builder writes onnxruntime's SimplifiedLayerNormalization
+    in the ONNX domain, which onnx does not define (the input fails the checker for that alone): those
+    nodes are checked as the custom-domain op they are, everything else as written."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for n in m.graph.node:
+        if n.op_type == "SimplifiedLayerNormalization" and n.domain == "":
+            n.domain = "com.microsoft"
+    onnx.checker.check_model(m, full_check=True)
+
+
+def _plant_dead(folder: str) -> dict:
+    """Zero KV group 1 of layer 0 (its Q, K, V columns) and MLP channels 0..15 of layer 1 (gate and up
+    columns, down rows): their outputs are exactly zero, so cutting them leaves every output unchanged."""
+    path = os.path.join(folder, "model.onnx")
+    m = onnx.load(path)
+    gqa = next(n for n in m.graph.node if n.op_type == "GroupQueryAttention")
+    a = _attrs(gqa)
+    hq, hkv = a["num_heads"], a["kv_num_heads"]
+    init = {t.name: t for t in m.graph.initializer}
+    qkv = onnx.numpy_helper.to_array(init["model.layers.0.attn.qkv_proj.MatMul.weight"]).copy()
+    d = qkv.shape[1] // (hq + 2 * hkv)
+    rep = hq // hkv
+    cols = list(range(rep * d, 2 * rep * d)) + list(range((hq + 1) * d, (hq + 2) * d)) \
+        + list(range((hq + hkv + 1) * d, (hq + hkv + 2) * d))
+    qkv[:, cols] = 0
+    new = {"model.layers.0.attn.qkv_proj.MatMul.weight": qkv}
+    for name, axis in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 0)):
+        key = f"model.layers.1.mlp.{name}.MatMul.weight"
+        w = onnx.numpy_helper.to_array(init[key]).copy()
+        np.moveaxis(w, axis, 0)[:16] = 0
+        new[key] = w
+    for t in m.graph.initializer:
+        if t.name in new:
+            t.CopyFrom(onnx.numpy_helper.from_array(new[t.name].astype(np.float32), t.name))
+    onnx.save(m, path, save_as_external_data=True, location="model.onnx.data")
+    return {"kv_group": 1, "mlp": 16}
+
+
+def test_packed_gqa_groups_and_pins():
+    res = graphprune.analyze(os.path.join(FIXTURES["llama_fp32"], "model.onnx"), prune_kv_cache=True)
+    heads = [g for g in res.groups if g.kind == "heads"]
+    assert len(heads) == 2 and all(g.size == 2 and g.width == 64 for g in heads)  # 2 KV groups x (2 q + k + v) x 16
+    reasons = " ".join(p.reason for p in res.pinned)
+    assert "packed QKV" not in reasons and "no op rule" not in reasons
+    assert "hidden width is pinned" in reasons
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_builder_fp32_oracle(name, tmp_path):
+    folder = _copy(name, tmp_path)
+    res = graphprune.prune(os.path.join(folder, "model.onnx"), target_flops=0.6, prune_kv_cache=True,
+                           policy={"uniform_heads": True}, verify=True)
+    assert res.report["oracle"]["equivalent"], res.report["oracle"]
+    assert set(res.report["oracle"]) >= {"batch1", "batch5"}
+    _check(res.model)
+    gqas = [_attrs(n) for n in res.model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len({(a["num_heads"], a["kv_num_heads"]) for a in gqas}) == 1  # the same heads in every layer
+    assert gqas[0]["num_heads"] < 4
+    dims = graph_dimensions(res.model)
+    assert dims["head_size"] == 16 and dims["num_attention_heads"] == gqas[0]["num_heads"]
+    for o in res.model.graph.output:
+        if o.name.startswith("present"):
+            assert o.type.tensor_type.shape.dim[1].dim_value == gqas[0]["kv_num_heads"]
+            assert o.type.tensor_type.shape.dim[2].dim_param == "total_sequence_length"
+
+
+def test_planted_dead_heads_and_channels_are_cut_exactly(tmp_path):
+    folder = _copy("llama_fp32", tmp_path)
+    _plant_dead(folder)
+    path = os.path.join(folder, "model.onnx")
+    # one KV group of layer 0 (64 qkv columns, 32 o_proj rows) and 16 MLP channels are 9216 of 79872 MACs
+    res = graphprune.prune(path, target_flops=0.885, round_to=16, prune_kv_cache=True, verify=True)
+    removed = [g["removed"] for g in res.report["groups"]]
+    assert removed == [[1], [], [], list(range(16))], removed  # exactly the planted dead units
+    assert res.report["oracle"]["equivalent"]
+    _check(res.model)
+    original = onnx.load(path)
+    gqa0 = next(n for n in res.model.graph.node if n.op_type == "GroupQueryAttention")
+    assert _attrs(gqa0)["kv_num_heads"] == 1  # the dead KV group of layer 0 went
+    down = {t.name: t.dims for t in res.model.graph.initializer}["model.layers.1.mlp.down_proj.MatMul.weight"]
+    assert down[0] == 128 - 16
+    for batch, seq in ((1, 5), (3, 1)):
+        feeds = synthetic_inputs(original, batch=batch, seq=seq, seed=batch)
+        for k in ("past_key_values.0.key", "past_key_values.0.value"):
+            feeds[k][:, 1] = 0  # the dead KV head's past, as the model itself would have written it
+        want = run_model(path, feeds)
+        fed = dict(feeds)
+        for k in fed:  # the pruned model reads the kept cache slices (layer 0 keeps KV head 0)
+            if k == "past_key_values.0.key" or k == "past_key_values.0.value":
+                fed[k] = fed[k][:, :1]
+        got = run_model(res.model, fed)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)  # logits unchanged
+
+
+def test_synthetic_decoder_inputs_continue_the_past():
+    m = onnx.load(os.path.join(FIXTURES["llama_fp32"], "model.onnx"))
+    feeds = synthetic_inputs(m, batch=1, seq=5)
+    assert feeds["input_ids"].shape == (1, 5)
+    assert feeds["attention_mask"].shape == (1, PAST_TOKENS + 5) and feeds["attention_mask"].all()
+    assert feeds["past_key_values.0.key"].shape == (1, 2, PAST_TOKENS, 16)  # kv_cache_dim = head_size
+    outs = run_model(m, feeds)
+    assert outs[1].shape == (1, 2, PAST_TOKENS + 5, 16)
+    # batch > 1 with a past: GroupQueryAttention takes one new token per sequence
+    assert synthetic_inputs(m, batch=3, seq=5)["input_ids"].shape == (3, 1)
+
+
+def test_cli_folder_mode_writes_a_complete_folder(tmp_path, capsys):
+    folder = _copy("llama_fp32", tmp_path)
+    out = tmp_path / "out" / "model.onnx"
+    before = open(os.path.join(folder, "genai_config.json")).read()
+    assert cli_main([os.path.join(folder, "model.onnx"), "--target-flops", "0.5", "-o", str(out), "--verify"]) == 0
+    assert open(os.path.join(folder, "genai_config.json")).read() == before  # the input folder is untouched
+    assert {"genai_config.json", "tokenizer.json", "tokenizer_config.json", "model.onnx"} <= set(os.listdir(out.parent))
+    cfg = json.load(open(out.parent / "genai_config.json"))["model"]["decoder"]
+    pruned = onnx.load(str(out))
+    gqa = _attrs(next(n for n in pruned.graph.node if n.op_type == "GroupQueryAttention"))
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_size"]) == \
+        (gqa["num_heads"], gqa["kv_num_heads"], 16)
+    assert cfg["num_attention_heads"] < 4
+    assert "folder  genai_config.json" in capsys.readouterr().out
+
+
+def test_cli_folder_mode_refuses_the_input_folder(tmp_path, capsys):
+    folder = _copy("llama_fp32", tmp_path)
+    code = cli_main([os.path.join(folder, "model.onnx"), "--target-flops", "0.5", "-o",
+                     os.path.join(folder, "pruned.onnx")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "input folder" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(os.path.join(folder, "pruned.onnx"))
+
+
+@pytest.mark.skipif(not os.path.exists(GENAI_PYTHON),
+                    reason=".venv-genai (onnxruntime-genai) is not installed; see README 'LLM deployment folders'")
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_pruned_folder_generates_in_onnxruntime_genai(name, tmp_path):
+    folder = _copy(name, tmp_path)
+    out = tmp_path / "out" / "model.onnx"
+    assert cli_main([os.path.join(folder, "model.onnx"), "--target-flops", "0.6", "-o", str(out), "-q"]) == 0
+    run = subprocess.run([GENAI_PYTHON, os.path.join(ROOT, "tools", "genai_run.py"), str(out.parent),
+                          "--tokens", "12"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["new_tokens"] == 12 and all(0 <= t < 96 for t in result["tokens"])
