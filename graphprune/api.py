@@ -51,7 +51,8 @@ class PruneResult:
 
     def save(self, path: "str | os.PathLike") -> str:
         meta = self.context.model.meta
-        return str(save_model(self.model, path, external_data=meta.had_external_data or None, base_dir=meta.base_dir))
+        return str(save_model(self.model, path, external_data=meta.had_external_data or None, base_dir=meta.base_dir,
+                              progress=self.context.progress.enabled))
 
 
 @dataclass

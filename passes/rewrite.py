@@ -69,8 +69,7 @@ def apply_plan(ctx: PruneContext) -> dict[tuple[str, int], np.ndarray]:
             values = np.asarray(t.values)
             for axis, idx in axes:
                 values = np.take(values, idx, axis=axis)
-            t.values = np.ascontiguousarray(values)
-            t.data_location = None  # now held inline
+            model.store(t, values)  # inline, or spilled to a scratch file in a big model
         elif name in io:
             raise AssertionError(f"graph input/output {name} would change shape")
     # intermediate shapes follow the kept counts (shape inference re-checks them; ops it cannot
