@@ -102,6 +102,8 @@ def _export_graph(s: LlmShape, opset: int = 18) -> onnx.ModelProto:
         src = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
         if src is None or not src.is_initializer() or src.name not in params or len(src.shape) != 2:
             continue
+        if len(src.uses()) > 1:  # a tied weight (embedding and lm_head) stays one tensor
+            continue
         out = node.outputs[0]
         name = f"{src.name}.T"
         if name not in ir_model.graph.initializers:
