@@ -336,7 +336,7 @@ def _stale_data_files(path: Path, keep: set) -> list[Path]:
 
 
 def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_data: bool | None = None,
-               base_dir: str = "", progress: bool = False) -> Path:
+               base_dir: str = "", progress: bool = False, check: bool = False) -> Path:
     """Write `model` atomically; `model` is not modified.
 
     Models of 2 GB or more, or big ones, or when `external_data` is True, are written with
@@ -346,6 +346,8 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
     so graph and data are published as one unit: a reader never sees a mismatched pair, and
     two runs writing the same output cannot mix. The previous data file is removed after.
     Not enough disk space (checked first) or memory: BadInputError, nothing left behind.
+    `check` runs onnx.checker (full check) on the written files by path before they are
+    published (how a model over 2 GB is checked); a failure publishes nothing.
     """
     path = Path(path)
     try:
@@ -391,6 +393,8 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
             published.append(final_data)
             with open(tmp, "wb") as f:
                 f.write(work.SerializeToString())
+            if check:  # beside its data under the final name, as a reader will find it
+                onnx.checker.check_model(tmp, full_check=True)
             os.replace(tmp, path)  # graph and data now visible together
             published.clear()
             for f in stale:
