@@ -166,7 +166,8 @@ def _check_at_scale(masked: onnx.ModelProto, pruned: onnx.ModelProto, slices: di
                      size: int) -> dict:
     """The oracle for a big model: one batch at one short sequence; the masked original, then
     the pruned model, each written to a scratch folder and run from there by onnxruntime, one
-    session at a time (never both models in memory)."""
+    session at a time (never both models in memory). The peak is onnxruntime's own: about the
+    model's size, more where it materialises a weight's transpose (a tied embedding)."""
     from .errors import BadInputError
     from .model_io import session_payload
     from .verify_io import slice_arrays
