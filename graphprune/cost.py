@@ -100,7 +100,7 @@ def node_cost_terms(node: gs.Node, spatial: dict | None = None) -> list[CostTerm
         if xs is None or len(xs) != 3:
             return []
         return [CostTerm(name, _static(xs[0]) * _static(xs[1]), [(w.name, 0), (w.name, 1)])]
-    if op in ("Gemm", "MatMul", "MatMulInteger") and len(ins) > 1 and ins[0] is not None and ins[1] is not None:
+    if op in ("Gemm", "MatMul", "MatMulInteger", "MatMulNBits") and len(ins) > 1 and ins[0] is not None and ins[1] is not None:
         a, b, y = ins[0], ins[1], node.outputs[0]
         as_, bs, ys = tensor_shape(a), tensor_shape(b), tensor_shape(y)
         if as_ is None or bs is None or ys is None or len(as_) < 1 or len(bs) < 1:

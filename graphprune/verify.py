@@ -217,6 +217,11 @@ def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: Depende
     if float_masked is not masked:  # fake-quantized activations: compare without their rounding
         masked, pruned = float_masked, bypass_activation_qdq(pruned)
         results["quantized_activations"] = "compared without activation Q/DQ rounding"
+    from .oprules.nbits import float_activation_nbits
+
+    if float_activation_nbits(masked) is not masked:  # MatMulNBits' on-the-fly int8 activations: compare in float
+        masked, pruned = float_activation_nbits(masked), float_activation_nbits(pruned)
+        results["quantized_activations"] = "MatMulNBits compared with float activations (accuracy_level 0)"
     exact_masked = exact_integer_matmuls(masked)
     if exact_masked is not masked:  # integer matmuls: exact arithmetic, not saturating kernels
         masked, pruned = exact_masked, exact_integer_matmuls(pruned)

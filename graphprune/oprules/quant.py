@@ -167,6 +167,11 @@ def dequantized(c: gs.Tensor) -> np.ndarray | None:
     (per-tensor or per-axis scale); None otherwise."""
     if not isinstance(c, gs.Constant) or np.asarray(c.values).dtype.kind not in "iub":
         return None
+    users = list(c.outputs)
+    if users and all(n.op == "MatMulNBits" and n.inputs[1] is c for n in users):  # block-quantized B
+        from .nbits import dequantize_nbits
+
+        return dequantize_nbits(users[0])
     node = _dq_consumer(c)
     if node is None or int(node.attrs.get("block_size", 0) or 0) > 0:
         return None

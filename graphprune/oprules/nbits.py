@@ -1,0 +1,190 @@
+"""com.microsoft MatMulNBits: block-quantized weights (2-8 bits) of onnxruntime-genai's int4 folders.
+
+Spec: Y[..., N] = A[..., K] x dequant(B)^T with B uint8 [N, k_blocks, block_size * bits / 8]
+(each block's values packed low bits first), scales [N, k_blocks] (or flat [N * k_blocks]),
+optional zero_points (uint8 packed [N, ceil(k_blocks * bits / 8)], or [N, k_blocks] of the
+scales' type), g_idx [K], bias [N]; attributes K, N, bits, block_size.
+
+- Output rows (N) are free: row n of B, scales, zero points and bias goes with output channel n.
+- Input columns (K) go only in whole quantization blocks (so no weight is re-quantized and the
+  pruned op computes exactly what the masked original does); a packed uint8 zero-point byte holds
+  8 / bits blocks, which then go together. With g_idx (act-order) K is pinned.
+
+The oracle zeroes a removed channel through the scales (scale 0 dequantizes any code to 0);
+criteria read the dequantized weight (:func:`dequantize_nbits`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
+
+__all__ = ["MatMulNBits", "dequantize_nbits", "quantize_nbits", "float_activation_nbits", "register_nbits_rules"]
+
+MS = "com.microsoft"
+
+
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Codes of `bits` bits packed low bits first along the last axis -> [..., count] uint8."""
+    per = 8 // bits
+    shifts = (np.arange(per) * bits).astype(np.uint8)
+    codes = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :count]
+
+
+def dequantize_nbits(node: gs.Node) -> np.ndarray | None:
+    """The float weight of a MatMulNBits node as [N, k_blocks, block_size] (None if not constant)."""
+    b, scales = node.inputs[1], node.inputs[2]
+    if not isinstance(b, gs.Constant) or not isinstance(scales, gs.Constant):
+        return None
+    bits, bs = int(node.attrs.get("bits", 4)), int(node.attrs["block_size"])
+    q = np.asarray(b.values)
+    n, kb = q.shape[0], q.shape[1]
+    codes = _unpack(q, bits, bs).astype(np.float32)
+    s = np.asarray(scales.values, dtype=np.float32).reshape(n, kb)
+    zp_t = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+    if zp_t is None:
+        zp = np.full((n, kb), float(1 << (bits - 1)), np.float32)
+    elif not isinstance(zp_t, gs.Constant):
+        return None
+    else:
+        z = np.asarray(zp_t.values)
+        zp = (_unpack(z.reshape(n, -1), bits, kb) if z.dtype == np.uint8 else z.reshape(n, kb)).astype(np.float32)
+    return (codes - zp[..., None]) * s[..., None]
+
+
+class MatMulNBits(OpRule):
+    def analyze(self, ctx: RuleContext) -> None:
+        a, b, scales, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
+        zp, g_idx, bias = ctx.input(3), ctx.input(4), ctx.input(5)
+        a_s, b_s, y_s = ctx.shape(a), ctx.shape(b), ctx.shape(y)
+        bits, bs = int(ctx.attrs.get("bits", 4)), int(ctx.attrs.get("block_size", 0))
+        k, n = int(ctx.attrs.get("K", 0)), int(ctx.attrs.get("N", 0))
+        if (a_s is None or y_s is None or b_s is None or len(b_s) != 3 or b_s[0] != n or bs <= 0
+                or not ctx.is_const(b) or not ctx.is_const(scales) or bits not in (1, 2, 4, 8)
+                or (zp is not None and not ctx.is_const(zp)) or a_s[-1] != k or y_s[-1] != n):
+            ctx.pin_all(f"MatMulNBits {ctx.node.name}: run-time or unexpected weight layout is kept whole")
+            return
+        kb = b_s[1]
+        for j in range(len(a_s) - 1):
+            ctx.tie(a, j, y, j)
+        # output rows: B, scales, zero points, bias follow output channel n
+        ctx.tie(b, 0, y, -1)
+        ctx.role(b, 0, "out")
+        ctx.skip(b, 2)
+        s_s = ctx.shape(scales)
+        e = np.arange(n * kb)
+        if len(s_s) == 1:
+            ctx.tie(scales, 0, y, -1, e, e // kb)
+        else:
+            ctx.tie(scales, 0, y, -1)
+        ctx.role(scales, 0, "out")
+        if zp is not None:
+            ctx.tie(zp, 0, y, -1) if len(ctx.shape(zp)) == 2 else ctx.pin(zp, 0, "flat zero points")
+            ctx.role(zp, 0, "param")
+        if bias is not None:
+            ctx.tie(bias, 0, y, -1)
+            ctx.role(bias, 0, "param")
+        # input columns: whole quantization blocks (and the blocks sharing a zero-point byte)
+        if g_idx is not None:
+            ctx.skip(g_idx)
+            ctx.pin(a, -1, "MatMulNBits with g_idx: input columns are kept (act-order blocks)")
+            ctx.skip(b, 1)
+            if len(s_s) == 2:
+                ctx.skip(scales, 1)
+            if zp is not None:
+                ctx.skip(zp, 1)
+            return
+        cols = np.arange(k)
+        block = cols // bs
+        unit = block
+        if zp is not None and np.asarray(ctx.value(zp)).dtype == np.uint8 and bits < 8:
+            unit = block // (8 // bits)  # blocks sharing a zero-point byte go together
+            ctx.tie(a, -1, zp, 1, cols, unit)
+        elif zp is not None:
+            ctx.tie(a, -1, zp, 1, cols, block)
+        first = np.searchsorted(unit, unit)  # the first column of each unit
+        ctx.tie(a, -1, a, -1, cols, first)
+        ctx.tie(a, -1, b, 1, cols, block)
+        ctx.role(b, 1, "reduce")
+        if len(s_s) == 2:
+            ctx.tie(a, -1, scales, 1, cols, block)
+            ctx.role(scales, 1, "reduce")
+        else:
+            ctx.pin(a, -1, "MatMulNBits with flat scales: input columns are kept")
+
+    def rewrite(self, rctx: RewriteContext) -> None:
+        node = rctx.node
+        a, y, scales = node.inputs[0], node.outputs[0], node.inputs[2]
+        kept_k, kept_n = rctx.kept(a, -1), rctx.kept(y, -1)
+        if kept_k is not None:
+            node.attrs["K"] = int(len(kept_k))
+        if kept_n is not None:
+            node.attrs["N"] = int(len(kept_n))
+            if len(rctx.orig_shape(scales) or ()) == 1:
+                pass  # flat scales: sliced elementwise by the tie (n * k_blocks + j)
+
+
+def register_nbits_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
+    reg.register("MatMulNBits", MatMulNBits(), domain=MS)
+    return reg
+
+
+def quantize_nbits(w: np.ndarray, bits: int, block_size: int, zero_point: str = "packed"):
+    """Block-quantize a float weight w [K, N] (MatMul layout) the way MatMulNBits stores it.
+
+    Returns (B uint8 [N, k_blocks, block_size * bits / 8], scales [N, k_blocks], zero_points or None):
+    `zero_point` "packed" (uint8, asymmetric), "float" (the scales' type, asymmetric) or "none"
+    (symmetric, implicit zero point 2^(bits-1)). K is padded to whole blocks with zeros.
+    """
+    k, n = w.shape
+    kb = -(-k // block_size)
+    wt = np.zeros((n, kb * block_size), np.float32)
+    wt[:, :k] = w.T
+    blocks = wt.reshape(n, kb, block_size)
+    top = (1 << bits) - 1
+    if zero_point == "none":
+        mid = 1 << (bits - 1)
+        scale = np.abs(blocks).max(-1) / max(mid - 1, 1)
+        scale[scale == 0] = 1.0
+        zp = np.full((n, kb), mid, np.float32)
+    else:
+        lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+        scale = (hi - lo) / top
+        scale[scale == 0] = 1.0
+        zp = np.clip(np.round(-lo / scale), 0, top)
+    codes = np.clip(np.round(blocks / scale[..., None] + zp[..., None]), 0, top).astype(np.uint8)
+    per = 8 // bits
+    shifts = (np.arange(per) * bits).astype(np.uint8)
+    packed = (codes.reshape(n, kb, -1, per) << shifts).sum(-1).astype(np.uint8)
+    if zero_point == "packed":
+        zpad = np.zeros((n, -(-kb // per) * per), np.uint8)
+        zpad[:, :kb] = zp.astype(np.uint8)
+        zps = (zpad.reshape(n, -1, per) << shifts).sum(-1).astype(np.uint8)
+    elif zero_point == "float":
+        zps = zp.astype(np.float32)
+    else:
+        zps = None
+    return packed, scale.astype(np.float32), zps
+
+
+def float_activation_nbits(proto):
+    """A copy of `proto` whose MatMulNBits nodes compute with float activations (accuracy_level 0),
+    or `proto` itself when none quantizes them. accuracy_level 4 quantizes each row of A to int8 on
+    the fly; the oracle's masked original still holds values in the removed columns (zeroed only
+    through the weight), which would change that rounding, so both sides are compared unquantized."""
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"
+             and any(a.name == "accuracy_level" and a.i != 0 for a in n.attribute)]
+    if not nodes:
+        return proto
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for n in out.graph.node:
+        if n.op_type == "MatMulNBits":
+            for a in n.attribute:
+                if a.name == "accuracy_level":
+                    a.i = 0
+    return out
