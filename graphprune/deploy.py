@@ -165,13 +165,13 @@ def write_folder(src: DeployFolder, out_model: str, pruned: onnx.ModelProto, rep
         dec.update(new)
         dec["filename"] = os.path.basename(out_model)
     else:
-        new = {k: v for k, v in (("num_attention_heads", dims.get("num_attention_heads")),
-                                 ("num_key_value_heads", dims.get("num_key_value_heads")),
+        # optimum allocates the cache as [batch, num_key_value_heads, seq, hidden_size / num_attention_heads]:
+        # num_attention_heads stays what gives the head size (the graph holds the query heads it computes)
+        new = {k: v for k, v in (("num_key_value_heads", dims.get("num_key_value_heads")),
                                  ("head_dim", dims.get("head_size")), ("hidden_size", hidden)) if v}
-        if "num_attention_heads" not in new and "num_key_value_heads" in new and config.get("num_key_value_heads"):
-            # no fused attention op: query heads shrink with their KV groups
-            rep = config["num_attention_heads"] // config["num_key_value_heads"]
-            new["num_attention_heads"] = new["num_key_value_heads"] * rep
+        size = new.get("head_dim") or config.get("head_dim")
+        if hidden and size and hidden % size == 0:
+            new["num_attention_heads"] = hidden // size
         config.update(new)
     _write_json(os.path.join(out_dir, src.config), config)
     return {"config": src.config, "set": new, "copied": copied}

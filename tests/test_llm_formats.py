@@ -174,9 +174,10 @@ def test_cli_folder_mode_refuses_the_input_folder(tmp_path, capsys):
 
 @pytest.mark.skipif(not os.path.exists(GENAI_PYTHON),
                     reason=".venv-genai (onnxruntime-genai) is not installed; see README 'LLM deployment folders'")
-@pytest.mark.parametrize("name", sorted(FIXTURES))
+@pytest.mark.parametrize("name", sorted(FIXTURES) + ["llama_int4"])
 def test_pruned_folder_generates_in_onnxruntime_genai(name, tmp_path):
-    folder = _copy(name, tmp_path)
+    folder = str(tmp_path / name)
+    shutil.copytree(os.path.join(HERE, "data", "genai", name), folder)
     out = tmp_path / "out" / "model.onnx"
     assert cli_main([os.path.join(folder, "model.onnx"), "--target-flops", "0.6", "-o", str(out), "-q"]) == 0
     run = subprocess.run([GENAI_PYTHON, os.path.join(ROOT, "tools", "genai_run.py"), str(out.parent),
@@ -184,3 +185,46 @@ def test_pruned_folder_generates_in_onnxruntime_genai(name, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["new_tokens"] == 12 and all(0 <= t < 96 for t in result["tokens"])
+
+
+OPTIMUM = {name: os.path.join(HERE, "data", "optimum", name) for name in ("llama", "qwen2")}
+OPTIMUM_PYTHON = os.path.join(ROOT, ".venv-optimum", "bin", "python")
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMUM))
+@pytest.mark.parametrize("target", [0.7, 0.5])
+def test_optimum_export_prunes_verifies_and_runs_with_past(name, target, tmp_path, capsys):
+    """optimum-cli export onnx --task text-generation-with-past: --verify feeds a past of a few tokens,
+    new tokens, a mask over both; the config says the pruned cache shape; the file runs with a past."""
+    folder = str(tmp_path / name)
+    shutil.copytree(OPTIMUM[name], folder)
+    out = tmp_path / "out" / "model.onnx"
+    assert cli_main([os.path.join(folder, "model.onnx"), "--target-flops", str(target), "-o", str(out),
+                     "--verify"]) == 0
+    assert "oracle  mask equivalence holds" in capsys.readouterr().out
+    cfg = json.load(open(out.parent / "config.json"))
+    pruned = onnx.load(str(out))
+    past = next(i for i in pruned.graph.input if i.name == "past_key_values.0.key")
+    dims = [d.dim_value for d in past.type.tensor_type.shape.dim]
+    assert dims[1] == cfg["num_key_value_heads"] and dims[3] == cfg["hidden_size"] // cfg["num_attention_heads"]
+    if target == 0.5:
+        assert cfg["num_key_value_heads"] < 2
+    feeds = synthetic_inputs(onnx.load(os.path.join(folder, "model.onnx")), batch=2, seq=3)
+    for k in feeds:
+        if k.startswith("past_key_values"):
+            feeds[k] = feeds[k][:, :dims[1]]
+    logits = run_model(pruned, feeds)[0]
+    assert logits.shape == (2, 3, 96) and np.isfinite(logits).all()
+
+
+@pytest.mark.skipif(not os.path.exists(OPTIMUM_PYTHON),
+                    reason=".venv-optimum (optimum-onnx) is not installed; see README 'LLM deployment folders'")
+def test_pruned_optimum_folder_generates(tmp_path):
+    folder = str(tmp_path / "llama")
+    shutil.copytree(OPTIMUM["llama"], folder)
+    out = tmp_path / "out" / "model.onnx"
+    assert cli_main([os.path.join(folder, "model.onnx"), "--target-flops", "0.5", "-o", str(out), "-q"]) == 0
+    run = subprocess.run([OPTIMUM_PYTHON, os.path.join(ROOT, "tools", "optimum_run.py"), str(out.parent),
+                          "--tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1])["new_tokens"] == 8
