@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report output fidelity on held-out samples (on by default with --calib/--compensate)")
     p.add_argument("--verify", action="store_true",
                    help="check the mask-equivalence oracle with onnxruntime (needs onnxruntime)")
+    p.add_argument("--verify-inputs", metavar="NPZ",
+                   help="run the --verify oracle on these inputs (a .npz with one array per graph input, by "
+                        "name) instead of synthetic ones; implies --verify")
     p.add_argument("--report", metavar="JSON", help="write the report (MACs, params, groups, removed channels)")
     lat = p.add_argument_group("latency (onnxruntime CPU/CUDA, TensorRT, PyTorch CUDA)")
     lat.add_argument("--target-latency", type=_ratio, metavar="R",
@@ -219,12 +222,13 @@ def _run_prune(args) -> int:
         raise BadInputError("--calib-preprocess needs --calib (a folder of images)")
     progress = not args.quiet and sys.stderr.isatty()
     policy = _policy(args) | (DEPLOY_POLICY if folder else {})
+    extra = {"verify_inputs": args.verify_inputs} if args.verify_inputs else {}
     common = dict(criterion=args.criterion, round_to=args.round_to, min_keep=args.min_keep, protect=args.protect,
-                  uniform=args.uniform, seed=args.seed, verify=args.verify, progress=progress,
+                  uniform=args.uniform, seed=args.seed, verify=args.verify or bool(extra), progress=progress,
                   gqa_uniform=args.gqa_uniform, calib=args.calib, calib_samples=args.calib_samples,
                   calib_preprocess=args.calib_preprocess, compensate=args.compensate,
                   compensate_select=args.compensate_select, compensate_residual=args.compensate_residual,
-                  fidelity=True if args.fidelity else None, policy=policy)
+                  fidelity=True if args.fidelity else None, policy=policy, **extra)
     if args.target_latency is not None:
         from .bench import bench_kwargs
         from .latency import prune_to_latency
@@ -278,8 +282,9 @@ def _run_prune(args) -> int:
             print(f"folder  {d['config']}: {d['set']}; copied {', '.join(d['copied']) or 'nothing'}")
         if "oracle" in r:
             o = r["oracle"]
-            worst = max(v["max_rel"] for k, v in o.items() if k.startswith("batch"))
-            noise = [v["noise_floor"] for k, v in o.items() if k.startswith("batch") and "noise_floor" in v]
+            runs = [v for k, v in o.items() if k.startswith("batch") or k == "inputs"]
+            worst = max(v["max_rel"] for v in runs)
+            noise = [v["noise_floor"] for v in runs if "noise_floor" in v]
             floor = f"; float32 noise floor of the original {max(noise):.2e}" if noise else ""
             floor += f"; {o['quantized_activations']}" if "quantized_activations" in o else ""
             print(f"oracle  mask equivalence {'holds' if o['equivalent'] else 'FAILS'} (max rel err {worst:.2e}{floor})")

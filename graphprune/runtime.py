@@ -7,7 +7,7 @@ import onnx
 from .errors import BadInputError
 
 __all__ = ["require_onnxruntime", "run_model", "synthetic_inputs", "model_source", "new_session", "decoder_sizes",
-           "PAST_TOKENS"]
+           "PAST_TOKENS", "load_verify_inputs"]
 
 PAST_TOKENS = 3  # synthetic decoder inputs: a past of this many tokens, then `seq` new ones
 
@@ -192,4 +192,52 @@ def synthetic_inputs(model: onnx.ModelProto, batch: int = 1, seq: int = 8, seed:
             feeds[vi.name] = np.ones(dims, dtype=bool)
         else:
             feeds[vi.name] = rng.integers(0, 2, size=dims).astype(dtype)
+    return feeds
+
+
+def load_verify_inputs(source, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Feeds for --verify from a .npz file (one array per graph input, by name) or a dict.
+
+    Every graph input must be given, with its rank and static sizes; arrays are cast to the input's
+    element type when that loses nothing (float64 -> float32, int32 -> int64). Anything else is a
+    one-line BadInputError naming the input."""
+    if isinstance(source, dict):
+        arrays = {k: np.asarray(v) for k, v in source.items()}
+        label = "verify_inputs"
+    else:
+        label = str(source)
+        try:
+            with np.load(label, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except FileNotFoundError:
+            raise BadInputError(f"--verify-inputs {label}: no such file") from None
+        except Exception as exc:  # not an npz, pickled objects, truncated
+            raise BadInputError(f"--verify-inputs {label}: not a readable .npz file ({type(exc).__name__})") from None
+    init = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in init]
+    names = {vi.name for vi in inputs}
+    unknown = sorted(set(arrays) - names)
+    if unknown:
+        raise BadInputError(f"--verify-inputs {label}: {', '.join(unknown)} is not a graph input "
+                            f"(inputs: {', '.join(sorted(names))})")
+    missing = [vi.name for vi in inputs if vi.name not in arrays]
+    if missing:
+        raise BadInputError(f"--verify-inputs {label}: no array for graph input {', '.join(missing)}")
+    feeds = {}
+    for vi in inputs:
+        a = arrays[vi.name]
+        dims = vi.type.tensor_type.shape.dim
+        want = _NP.get(vi.type.tensor_type.elem_type, np.float32)
+        if a.ndim != len(dims) or any(d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != n
+                                      for d, n in zip(dims, a.shape)):
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            raise BadInputError(f"--verify-inputs {label}: {vi.name} has shape {list(a.shape)}, the model "
+                                f"takes {shape}")
+        if a.dtype != want:
+            if np.can_cast(a.dtype, want, casting="same_kind") or (a.dtype.kind == want().dtype.kind):
+                a = a.astype(want)
+            else:
+                raise BadInputError(f"--verify-inputs {label}: {vi.name} is {a.dtype}, the model takes "
+                                    f"{np.dtype(want)}")
+        feeds[vi.name] = a
     return feeds

@@ -228,3 +228,38 @@ def test_pruned_optimum_folder_generates(tmp_path):
                           "--tokens", "8"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])["new_tokens"] == 8
+
+
+def test_verify_inputs_npz(tmp_path, capsys):
+    """--verify-inputs FILE.npz: the oracle runs on the user's arrays (here a past of 6 tokens and 2 new)."""
+    folder = _copy("llama_fp32", tmp_path)
+    model = os.path.join(folder, "model.onnx")
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 96, (1, 2)), "attention_mask": np.ones((1, 8), np.int64)}
+    for layer in range(2):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{layer}.{kind}"] = rng.standard_normal((1, 2, 6, 16))  # float64: cast
+    npz = tmp_path / "inputs.npz"
+    np.savez(npz, **feeds)
+    out = tmp_path / "out" / "model.onnx"
+    assert cli_main([model, "--target-flops", "0.5", "-o", str(out), "--verify-inputs", str(npz),
+                     "--report", str(tmp_path / "r.json")]) == 0
+    oracle = json.load(open(tmp_path / "r.json"))["oracle"]
+    assert oracle["equivalent"] and set(oracle) == {"inputs", "equivalent"}
+    assert "oracle  mask equivalence holds" in capsys.readouterr().out
+    # bad files: one line, exit 2, nothing written
+    bad = dict(feeds)
+    del bad["attention_mask"]
+    np.savez(tmp_path / "missing.npz", **bad)
+    np.savez(tmp_path / "extra.npz", **feeds, nope=np.zeros(1))
+    np.savez(tmp_path / "shape.npz", **(feeds | {"past_key_values.0.key": np.zeros((1, 3, 6, 16))}))
+    (tmp_path / "junk.npz").write_text("not a zip")
+    for name, words in (("missing.npz", "no array for graph input attention_mask"), ("extra.npz", "nope"),
+                        ("shape.npz", "has shape [1, 3, 6, 16]"), ("junk.npz", "not a readable .npz"),
+                        ("absent.npz", "no such file")):
+        out2 = tmp_path / name.replace(".npz", "") / "model.onnx"
+        assert cli_main([model, "--target-flops", "0.5", "-o", str(out2), "--verify-inputs",
+                         str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+        assert not out2.exists()
