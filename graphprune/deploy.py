@@ -70,28 +70,32 @@ def _dim(vi) -> list:
 
 def graph_dimensions(model: onnx.ModelProto) -> dict:
     """Head counts and sizes of a decoder graph, one value each or a list when layers differ:
-    from GroupQueryAttention attributes where present, else from the KV-cache outputs
-    ([batch, kv_heads, seq, head_size]) and the initializers of the attention output projections."""
-    from .runtime import _cache_head_size
+    query heads from the attention ops' num_heads, KV heads from GroupQueryAttention's
+    kv_num_heads or the KV-cache outputs ([batch, kv_heads, seq, head_size]), head size from the
+    caches (a symbolic one from the attention op, see :func:`cache_head_size`)."""
+    from .runtime import cache_head_size
 
     heads, kv, size = set(), set(), set()
     for node in model.graph.node:
         if node.op_type in ("GroupQueryAttention", "MultiHeadAttention"):
             heads.add(int(_attr(node, "num_heads")))
-            kv.add(int(_attr(node, "kv_num_heads", _attr(node, "num_heads"))))
-            for cache in node.input[3:5]:
-                if cache:
-                    d = _cache_head_size(model, cache)
-                    if d:
-                        size.add(d)
-    if not heads:
-        for vi in model.graph.output:
-            dims = _dim(vi)
-            if ("present" in vi.name or "key_values" in vi.name) and len(dims) == 4:
-                if isinstance(dims[1], int) and dims[1] > 0:
-                    kv.add(dims[1])
-                if isinstance(dims[3], int) and dims[3] > 0:
-                    size.add(dims[3])
+            if node.op_type == "GroupQueryAttention":
+                kv.add(int(_attr(node, "kv_num_heads")))
+    inputs = {vi.name for vi in model.graph.input}
+    for vi in model.graph.output:
+        dims = _dim(vi)
+        if ("present" in vi.name or "key_values" in vi.name) and len(dims) == 4:
+            if isinstance(dims[1], int) and dims[1] > 0 and not any(n.op_type == "GroupQueryAttention"
+                                                                    for n in model.graph.node):
+                kv.add(dims[1])
+            if isinstance(dims[3], int) and dims[3] > 0:
+                size.add(dims[3])
+    for vi in model.graph.input:
+        dims = _dim(vi)
+        if "past" in vi.name and len(dims) == 4 and isinstance(dims[3], str) and vi.name in inputs:
+            d = cache_head_size(model, vi.name)
+            if d:
+                size.add(d)
     out = {}
     for key, vals in (("num_attention_heads", heads), ("num_key_value_heads", kv), ("head_size", size)):
         if len(vals) == 1:

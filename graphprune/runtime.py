@@ -7,7 +7,7 @@ import onnx
 from .errors import BadInputError
 
 __all__ = ["require_onnxruntime", "run_model", "synthetic_inputs", "model_source", "new_session", "decoder_sizes",
-           "PAST_TOKENS", "load_verify_inputs"]
+           "PAST_TOKENS", "load_verify_inputs", "cache_head_size"]
 
 PAST_TOKENS = 3  # synthetic decoder inputs: a past of this many tokens, then `seq` new ones
 
@@ -63,20 +63,27 @@ _NP = {
 }
 
 
-def _cache_head_size(model: onnx.ModelProto, cache: str) -> int | None:
+def cache_head_size(model: onnx.ModelProto, cache: str, widths: dict | None = None) -> int | None:
     """head_size of a cache input whose last axis is symbolic (onnxruntime-genai's `kv_cache_dim`):
     read from the attention op that takes it (packed QKV width / (num_heads + 2 kv_num_heads), or
-    the key width / kv_num_heads), with the widths from onnx shape inference."""
+    the key width / kv_num_heads), or from the new keys/values a Concat appends to it, with the
+    widths from onnx shape inference."""
+    widths = _static_last_dims(model) if widths is None else widths
     for node in model.graph.node:
-        if cache not in node.input or node.op_type not in ("GroupQueryAttention", "MultiHeadAttention"):
+        if cache not in node.input:
             continue
-        hq = int(proto_attr(node, "num_heads", 0))
-        hkv = int(proto_attr(node, "kv_num_heads", hq))
-        packed = len(node.input) < 3 or not node.input[1]
-        src, n = (node.input[0], hq + 2 * hkv) if packed else (node.input[1], hkv)
-        width = _static_last_dim(model, src)
-        if width and n > 0 and width % n == 0:
-            return width // n
+        if node.op_type in ("GroupQueryAttention", "MultiHeadAttention"):
+            hq = int(proto_attr(node, "num_heads", 0))
+            hkv = int(proto_attr(node, "kv_num_heads", hq))
+            packed = len(node.input) < 3 or not node.input[1]
+            src, n = (node.input[0], hq + 2 * hkv) if packed else (node.input[1], hkv)
+            width = widths.get(src)
+            if width and n > 0 and width % n == 0:
+                return width // n
+        elif node.op_type == "Concat":  # past -> Concat(past, new) -> present: the new part's head size
+            for other in node.input:
+                if other != cache and widths.get(other):
+                    return widths[other]
     return None
 
 
@@ -87,17 +94,21 @@ def proto_attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def _static_last_dim(model: onnx.ModelProto, name: str) -> int | None:
+def _static_last_dims(model: onnx.ModelProto) -> dict[str, int]:
+    """{tensor: static last axis size} from onnx shape inference (weights left out)."""
+    from .model_io import without_weights
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # an op onnx cannot infer: no size from here
-        return None
+        light, _ = without_weights(model)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    except Exception:  # an op onnx cannot infer: no sizes from here
+        return {}
+    out = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        if vi.name == name:
-            dims = vi.type.tensor_type.shape.dim
-            if dims and dims[-1].HasField("dim_value"):
-                return int(dims[-1].dim_value)
-    return None
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value > 0:
+            out[vi.name] = int(dims[-1].dim_value)
+    return out
 
 
 def decoder_sizes(model: onnx.ModelProto, batch: int, seq: int) -> dict[str, int] | None:
@@ -118,11 +129,13 @@ def decoder_sizes(model: onnx.ModelProto, batch: int, seq: int) -> dict[str, int
     if batch > 1 and any(n.op_type == "GroupQueryAttention" for n in model.graph.node):
         seq = 1  # GroupQueryAttention takes a past with several new tokens at batch 1 only
     sizes: dict[str, int] = {}
+    widths = None
     for vi in caches:
         dims = vi.type.tensor_type.shape.dim
         last = dims[-1]
         if last.dim_param and last.dim_param not in sizes:
-            d = _cache_head_size(model, vi.name)
+            widths = _static_last_dims(model) if widths is None else widths
+            d = cache_head_size(model, vi.name, widths)
             if d:
                 sizes[last.dim_param] = d
     for vi in model.graph.input:

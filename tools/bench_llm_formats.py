@@ -70,10 +70,11 @@ def weight_bytes(folder: str) -> int:
                if f.endswith((".onnx", ".data", ".onnx_data")))
 
 
-def tokens_per_s(genai_python: str, folder: str, args) -> float:
-    out = _run([genai_python, "tools/genai_run.py", folder, "--tokens", str(args.tokens), "--prompt-len",
-                str(args.prompt_len), "--runs", str(args.runs)])
-    return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
+def tokens_per_s(genai_python: str, folders: list[str], args) -> list[float]:
+    """Median tokens/s of each folder, runs interleaved across the folders."""
+    out = _run([genai_python, "tools/genai_run.py", *folders, "--tokens", str(args.tokens), "--prompt-len",
+                str(args.prompt_len), "--runs", str(args.runs), "--threads", str(args.threads)])
+    return [json.loads(line)["tokens_per_s"] for line in out.strip().splitlines()[-len(folders):]]
 
 
 def requant_error(int4_folder: str, fraction: float, seed: int = 0) -> dict:
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (0: its default)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     if not os.path.exists(args.genai_python):
@@ -131,22 +133,22 @@ def main() -> None:
     folders = build(args.genai_python, args.out, args)
     rows = []
     for precision, folder in folders.items():
-        base = tokens_per_s(args.genai_python, folder, args)
+        pruned = [prune(folder, ratio, args.out) for ratio in args.ratios]
+        rates = tokens_per_s(args.genai_python, [folder] + [p["folder"] for p in pruned], args)
         size = weight_bytes(folder)
         rows.append({"precision": precision, "target": 1.0, "macs_ratio": 1.0, "params_ratio": 1.0,
-                     "bytes": size, "bytes_ratio": 1.0, "tokens_per_s": base, "speedup": 1.0, "oracle": True, "config": None})
-        for ratio in args.ratios:
-            p = prune(folder, ratio, args.out)
-            tps = tokens_per_s(args.genai_python, p["folder"], args)
+                     "bytes": size, "bytes_ratio": 1.0, "tokens_per_s": rates[0], "speedup": 1.0, "oracle": True,
+                     "config": None})
+        for ratio, p, tps in zip(args.ratios, pruned, rates[1:]):
             rows.append({"precision": precision, "target": ratio, "macs_ratio": p["macs_ratio"],
                          "params_ratio": p["params_ratio"], "bytes": weight_bytes(p["folder"]),
-                         "bytes_ratio": weight_bytes(p["folder"]) / size, "tokens_per_s": tps, "speedup": tps / base,
-                         "oracle": p["oracle"], "config": p["config"]})
+                         "bytes_ratio": weight_bytes(p["folder"]) / size, "tokens_per_s": tps,
+                         "speedup": tps / rates[0], "oracle": p["oracle"], "config": p["config"]})
     requant = [requant_error(folders["int4"], f) for f in (0.3, 0.5)]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"model: llama hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
           f"inter {args.inter}, vocab {args.vocab}; {args.tokens} new tokens after {args.prompt_len}, median of "
-          f"{args.runs}")
+          f"{args.runs} interleaved runs, {args.threads or 'default'} thread(s)")
     print("| precision | target | MACs | float params | file bytes | tokens/s | speedup | oracle | config |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
