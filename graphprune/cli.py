@@ -207,7 +207,7 @@ def _run_prune(args) -> int:
     if args.target_latency is not None and (args.target_flops is not None or args.target_params is not None):
         raise BadInputError("--target-latency chooses the FLOPs target itself; drop --target-flops/--target-params")
     src = Path(args.model)
-    from .deploy import DEPLOY_POLICY, check_output, default_output, detect_folder
+    from .deploy import check_output, default_output, detect_folder
 
     folder = None if getattr(args, "no_deploy_folder", False) else detect_folder(str(src))
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}.pruned.onnx")
@@ -221,7 +221,7 @@ def _run_prune(args) -> int:
     if args.calib_preprocess and not args.calib:
         raise BadInputError("--calib-preprocess needs --calib (a folder of images)")
     progress = not args.quiet and sys.stderr.isatty()
-    policy = _policy(args) | (DEPLOY_POLICY if folder else {})
+    policy = (folder.policy if folder else {}) | _policy(args)
     extra = {"verify_inputs": args.verify_inputs} if args.verify_inputs else {}
     common = dict(criterion=args.criterion, round_to=args.round_to, min_keep=args.min_keep, protect=args.protect,
                   uniform=args.uniform, seed=args.seed, verify=args.verify or bool(extra), progress=progress,
@@ -280,6 +280,8 @@ def _run_prune(args) -> int:
         if "deploy_folder" in r:
             d = r["deploy_folder"]
             print(f"folder  {d['config']}: {d['set']}; copied {', '.join(d['copied']) or 'nothing'}")
+            if d.get("note"):
+                print(f"folder  {d['note']}")
         if "oracle" in r:
             o = r["oracle"]
             runs = [v for k, v in o.items() if k.startswith("batch") or k == "inputs"]

@@ -33,14 +33,38 @@ class DeployFolder:
     path: str
     kind: str  # "genai" or "hf"
     config: str  # the config file's name
+    note: str = ""  # why heads stay, when they do
+
+    @property
+    def policy(self) -> dict:
+        """genai_config.json and GQA Hugging Face configs describe a pruned cache (num_key_value_heads);
+        other Hugging Face configs size it from num_attention_heads (optimum, for MHA model types),
+        which also fixes the head size: there the caches, and so the heads, stay (--prune-kv-cache
+        overrides)."""
+        if self.note:
+            return {"uniform_heads": True}
+        return dict(DEPLOY_POLICY)
 
 
 def detect_folder(model_path: str) -> DeployFolder | None:
     """The deployment folder `model_path` sits in, or None."""
     folder = os.path.dirname(os.path.abspath(model_path))
     for kind, name in (("genai", GENAI_CONFIG), ("hf", HF_CONFIG)):
-        if os.path.isfile(os.path.join(folder, name)):
-            return DeployFolder(folder, kind, name)
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        note = ""
+        if kind == "hf":
+            try:
+                with open(path) as f:
+                    cfg = json.load(f)
+            except (OSError, ValueError):
+                raise BadInputError(f"{path}: not a readable JSON config") from None
+            heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+            if not (isinstance(heads, int) and isinstance(kv, int) and 0 < kv < heads):
+                note = (f"{name} has no grouped-query num_key_value_heads, so runtimes size the KV cache from "
+                        "num_attention_heads: attention heads are kept (--prune-kv-cache prunes them anyway)")
+        return DeployFolder(folder, kind, name, note)
     return None
 
 
@@ -178,7 +202,10 @@ def write_folder(src: DeployFolder, out_model: str, pruned: onnx.ModelProto, rep
             new["num_attention_heads"] = hidden // size
         config.update(new)
     _write_json(os.path.join(out_dir, src.config), config)
-    return {"config": src.config, "set": new, "copied": copied}
+    out = {"config": src.config, "set": new, "copied": copied}
+    if src.note:
+        out["note"] = src.note
+    return out
 
 
 def _hidden_size(model: onnx.ModelProto) -> int | None:

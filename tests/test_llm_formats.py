@@ -264,3 +264,24 @@ def test_verify_inputs_npz(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, err
         assert not out2.exists()
+
+
+def test_optimum_mha_config_keeps_heads(tmp_path, capsys):
+    """A Hugging Face config without grouped-query num_key_value_heads (Phi-3 with 4/4 heads: optimum sizes
+    its cache from num_attention_heads, which also fixes head_dim): heads stay, the MLP is pruned, and the
+    folder still runs with past; --prune-kv-cache prunes heads anyway."""
+    folder = str(tmp_path / "phi3")
+    shutil.copytree(os.path.join(HERE, "data", "optimum", "phi3"), folder)
+    out = tmp_path / "out" / "model.onnx"
+    assert cli_main([os.path.join(folder, "model.onnx"), "--target-flops", "0.7", "-o", str(out), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "attention heads are kept" in text and "oracle  mask equivalence holds" in text
+    pruned = onnx.load(str(out))
+    past = next(i for i in pruned.graph.input if i.name == "past_key_values.0.key")
+    assert past.type.tensor_type.shape.dim[1].dim_value == 4
+    assert json.load(open(out.parent / "config.json"))["num_attention_heads"] == 4
+    out2 = tmp_path / "out2" / "model.onnx"
+    assert cli_main([os.path.join(folder, "model.onnx"), "--target-flops", "0.5", "-o", str(out2), "-q",
+                     "--prune-kv-cache"]) == 0
+    past = next(i for i in onnx.load(str(out2)).graph.input if i.name == "past_key_values.0.key")
+    assert past.type.tensor_type.shape.dim[1].dim_value < 4
