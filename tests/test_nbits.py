@@ -121,3 +121,52 @@ def test_builder_int4_folder(tmp_path):
     feeds = synthetic_inputs(onnx.load(str(folder / "model.onnx")), batch=1, seq=4)
     assert np.isfinite(run_model(res.model, {k: v[:, :res.model.graph.input[2].type.tensor_type.shape.dim[1].dim_value]
                                              if k.startswith("past") else v for k, v in feeds.items()})[0]).all()
+
+
+def _embedding_model(bits=4, bs=16, zp="none", vocab=40, seed=1):
+    """ids -> GatherBlockQuantized embedding [vocab, 64] -> RMS-free MLP tail: Add residual with an fc2
+    back to 64, so --prune-hidden has a hidden axis through the embedding."""
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((vocab, 64)).astype(np.float32)
+    q, s, z = quantize_nbits(emb.T, bits, bs, zp)  # [vocab, k_blocks, blob]
+    inits = [numpy_helper.from_array(q.reshape(vocab, -1), "table"), numpy_helper.from_array(s, "scales")]
+    ins = ["table", "ids", "scales"]
+    if z is not None:
+        inits.append(numpy_helper.from_array(z, "zp"))
+        ins.append("zp")
+    w1 = rng.standard_normal((64, 48)).astype(np.float32) * 0.2
+    w2 = rng.standard_normal((48, 10)).astype(np.float32) * 0.2
+    inits += [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")]
+    nodes = [helper.make_node("GatherBlockQuantized", ins, ["e"], domain="com.microsoft", bits=bits, block_size=bs,
+                              gather_axis=0, quantize_axis=1),
+             helper.make_node("MatMul", ["e", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"])]
+    graph = helper.make_graph(nodes, "gbq", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("y", F, ["batch", "seq", 10])], inits,
+                              value_info=[helper.make_tensor_value_info("e", F, ["batch", "seq", 64])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]), emb
+
+
+@pytest.mark.parametrize("zp", ["none", "packed"])
+def test_gather_block_quantized_embedding_hidden_in_whole_blocks(zp):
+    model, emb = _embedding_model(zp=zp)
+    ids = np.array([[0, 3, 39, 7]])
+    import onnx_graphsurgeon as gs
+
+    from graphprune.oprules.nbits import _unpack
+
+    node = gs.import_onnx(model).nodes[0]
+    q = np.asarray(node.inputs[0].values).reshape(40, 4, 8)
+    codes = _unpack(q, 4, 16).astype(np.float32)
+    zpv = (_unpack(np.asarray(node.inputs[3].values), 4, 4) if zp == "packed" else np.full((40, 4), 8)).astype(np.float32)
+    deq = ((codes - zpv[..., None]) * np.asarray(node.inputs[2].values)[..., None]).reshape(40, 64)
+    e = run_model(onnx.shape_inference.infer_shapes(model), {"ids": ids})  # onnxruntime agrees with our layout
+    w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "W1"))
+    w2 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "W2"))
+    np.testing.assert_allclose(e[0], np.maximum(deq[ids] @ w1, 0) @ w2, rtol=1e-4, atol=1e-4)
+    res = graphprune.prune(model, target_flops=0.45, round_to=1, uniform=True, prune_hidden=True, verify=True)
+    assert res.report["oracle"]["equivalent"], res.report["oracle"]
+    init = {t.name: t.dims for t in res.model.graph.initializer}
+    hidden = init["W1"][0]
+    assert hidden < 64 and hidden % (32 if zp == "packed" else 16) == 0
+    assert init["table"][1] == hidden // 2 and init["scales"][1] == hidden // 16

@@ -20,7 +20,8 @@ import onnx_graphsurgeon as gs
 
 from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
 
-__all__ = ["MatMulNBits", "dequantize_nbits", "quantize_nbits", "float_activation_nbits", "register_nbits_rules"]
+__all__ = ["MatMulNBits", "GatherBlockQuantized", "dequantize_nbits", "quantize_nbits", "float_activation_nbits",
+           "register_nbits_rules"]
 
 MS = "com.microsoft"
 
@@ -126,8 +127,77 @@ class MatMulNBits(OpRule):
                 pass  # flat scales: sliced elementwise by the tie (n * k_blocks + j)
 
 
+def gather_table_magnitudes(node: gs.Node) -> np.ndarray | None:
+    """|dequantized values| of a GatherBlockQuantized table summed per stored byte ([vocab, bytes],
+    the data's own shape), for criteria that read a weight's values."""
+    data, scales = node.inputs[0], node.inputs[2] if len(node.inputs) > 2 else None
+    if not isinstance(data, gs.Constant) or not isinstance(scales, gs.Constant):
+        return None
+    bits, bs = int(node.attrs.get("bits", 4)), int(node.attrs.get("block_size", 128))
+    q = np.asarray(data.values)
+    if q.ndim != 2 or q.dtype != np.uint8 or bits not in (4, 8):
+        return None
+    per = 8 // bits
+    hidden = q.shape[1] * per
+    codes = _unpack(q, bits, hidden).astype(np.float32)
+    kb = -(-hidden // bs)
+    zp_t = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+    if zp_t is None:
+        zp = np.full((q.shape[0], kb), float(1 << (bits - 1)), np.float32)
+    elif isinstance(zp_t, gs.Constant):
+        z = np.asarray(zp_t.values)
+        zp = (_unpack(z, bits, kb) if z.dtype == np.uint8 else z).astype(np.float32)
+    else:
+        return None
+    s = np.asarray(scales.values, np.float32)
+    deq = (codes - np.repeat(zp, bs, axis=1)[:, :hidden]) * np.repeat(s, bs, axis=1)[:, :hidden]
+    return np.abs(deq).reshape(q.shape[0], q.shape[1], per).sum(-1)
+
+
+class GatherBlockQuantized(OpRule):
+    """com.microsoft GatherBlockQuantized: a block-quantized embedding table. With gather_axis 0 and
+    quantize_axis the table's last axis (the builder's layout: data [vocab, hidden * bits / 8] uint8,
+    scales [vocab, hidden / block_size]), the output's last axis (hidden) is a channel axis in whole
+    quantization blocks (and the blocks sharing a packed zero-point byte); anything else, or a table
+    computed at run time (a Reshape of a tied LM head's MatMulNBits weight), is kept whole."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        data, idx, scales, zp, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.input(3), ctx.output(0)
+        ds, ys, ss = ctx.shape(data), ctx.shape(y), ctx.shape(scales)
+        bits, bs = int(ctx.attrs.get("bits", 4)), int(ctx.attrs.get("block_size", 128))
+        ga, qa = int(ctx.attrs.get("gather_axis", 0)), int(ctx.attrs.get("quantize_axis", 1))
+        ok = (isinstance(data, gs.Constant) and isinstance(scales, gs.Constant) and ds is not None
+              and len(ds) == 2 and ga == 0 and qa in (1, -1) and ys is not None and bits in (4, 8)
+              and (zp is None or isinstance(zp, gs.Constant)) and ss is not None and len(ss) == 2
+              and isinstance(ys[-1], int) and ds[1] * 8 // bits == ys[-1])
+        if not ok:
+            ctx.pin_all(f"GatherBlockQuantized {ctx.node.name}: a run-time or unexpected table layout is kept whole")
+            return
+        hidden, per = ys[-1], 8 // bits
+        ctx.skip(idx)
+        ctx.skip(data, 0)
+        ctx.skip(scales, 0)
+        for k, _ in enumerate(ctx.shape(idx) or ()):
+            ctx.tie(idx, k, y, k)
+        h = np.arange(hidden)
+        unit = h // bs
+        if zp is not None and np.asarray(ctx.value(zp)).dtype == np.uint8 and per > 1:
+            unit = unit // per
+            ctx.tie(y, -1, zp, 1, h, unit)
+            ctx.skip(zp, 0)
+        elif zp is not None:
+            ctx.tie(y, -1, zp, 1, h, h // bs)
+            ctx.skip(zp, 0)
+        ctx.tie(y, -1, y, -1, h, np.searchsorted(unit, unit))  # whole blocks
+        ctx.tie(y, -1, data, 1, h, h // per)
+        ctx.tie(y, -1, scales, 1, h, h // bs)
+        ctx.role(data, 1, "out")  # the table produces the hidden channels, as an embedding does
+        ctx.role(scales, 1, "param")
+
+
 def register_nbits_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
     reg.register("MatMulNBits", MatMulNBits(), domain=MS)
+    reg.register("GatherBlockQuantized", GatherBlockQuantized(), domain=MS)
     return reg
 
 

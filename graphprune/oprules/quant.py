@@ -172,6 +172,10 @@ def dequantized(c: gs.Tensor) -> np.ndarray | None:
         from .nbits import dequantize_nbits
 
         return dequantize_nbits(users[0])
+    if users and all(n.op == "GatherBlockQuantized" and n.inputs[0] is c for n in users):  # quantized embedding
+        from .nbits import gather_table_magnitudes
+
+        return gather_table_magnitudes(users[0])
     node = _dq_consumer(c)
     if node is None or int(node.attrs.get("block_size", 0) or 0) > 0:
         return None
