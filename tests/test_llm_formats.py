@@ -285,3 +285,11 @@ def test_optimum_mha_config_keeps_heads(tmp_path, capsys):
                      "--prune-kv-cache"]) == 0
     past = next(i for i in onnx.load(str(out2)).graph.input if i.name == "past_key_values.0.key")
     assert past.type.tensor_type.shape.dim[1].dim_value < 4
+
+
+def test_folder_default_output_is_a_sibling_folder(tmp_path):
+    folder = _copy("llama_fp32", tmp_path)
+    assert cli_main([os.path.join(folder, "model.onnx"), "--target-flops", "0.7", "-q"]) == 0
+    out = tmp_path / "llama_fp32_pruned"
+    assert {"model.onnx", "genai_config.json", "tokenizer.json"} <= set(os.listdir(out))
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(FIXTURES["llama_fp32"]))  # nothing written beside the input
