@@ -237,6 +237,10 @@ def _run_prune(args) -> int:
         result = prune_to_latency(str(src), args.target_latency, log=log, **bench_kwargs(args), **common)
     else:
         result = prune(str(src), target_flops=args.target_flops, target_params=args.target_params, **common)
+    if folder is not None:
+        from .deploy import check_uniform
+
+        check_uniform(result.model)  # before anything is written
     try:
         result.save(out)
     except OSError as exc:

@@ -21,7 +21,7 @@ import onnx
 from .errors import BadInputError
 
 __all__ = ["DeployFolder", "detect_folder", "DEPLOY_POLICY", "graph_dimensions", "write_folder", "check_output",
-           "default_output"]
+           "check_uniform", "default_output"]
 
 GENAI_CONFIG = "genai_config.json"
 HF_CONFIG = "config.json"
@@ -129,6 +129,17 @@ def graph_dimensions(model: onnx.ModelProto) -> dict:
     return out
 
 
+def check_uniform(pruned: onnx.ModelProto) -> dict:
+    """The pruned graph's dimensions (see :func:`graph_dimensions`); a BadInputError when layers differ
+    (the runtime's config describes every layer with one value)."""
+    dims = graph_dimensions(pruned)
+    uneven = [k for k, v in dims.items() if isinstance(v, list)]
+    if uneven:
+        raise BadInputError(f"the pruned layers differ in {', '.join(uneven)} ({dims}); the runtime's config "
+                            "describes every layer with one value")
+    return dims
+
+
 def _write_json(path: str, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".gp_", suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -169,11 +180,7 @@ def write_folder(src: DeployFolder, out_model: str, pruned: onnx.ModelProto, rep
     layers' head counts differ (the runtime could not describe the graph)."""
     check_output(src, out_model)
     out_dir = os.path.dirname(os.path.abspath(out_model))
-    dims = graph_dimensions(pruned)
-    uneven = [k for k, v in dims.items() if isinstance(v, list)]
-    if uneven:
-        raise BadInputError(f"the pruned layers differ in {', '.join(uneven)} ({dims}); the runtime's config "
-                            "describes every layer with one value")
+    dims = check_uniform(pruned)
     skip = _model_files(src.path) | {src.config}
     copied = []
     for name in sorted(os.listdir(src.path)):

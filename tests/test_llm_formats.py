@@ -133,6 +133,12 @@ def test_planted_dead_heads_and_channels_are_cut_exactly(tmp_path):
                 fed[k] = fed[k][:, :1]
         got = run_model(res.model, fed)
         np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)  # logits unchanged
+    # without uniform heads the layers differ (1 and 2 KV heads): no single config can describe that
+    from graphprune.deploy import check_uniform
+    from graphprune.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="layers differ in num_attention_heads, num_key_value_heads"):
+        check_uniform(res.model)
 
 
 def test_synthetic_decoder_inputs_continue_the_past():
