@@ -10,11 +10,11 @@ import os
 import sys
 from pathlib import Path
 
+from .argtypes import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, ArgParser, int_at_least, number_in
 from .errors import BadInputError, GraphpruneError
+from .roles import WEIGHT_ROLES
 
 __all__ = ["main", "build_parser"]
-
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
 _EPILOG = """\
 exit codes: 0 done, 1 internal error, 2 bad input (missing/corrupt file, bad flag, unreachable target).
@@ -27,35 +27,8 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        self.exit(EXIT_BAD_INPUT, f"graphprune: error: {message} (see --help)\n")
-
-
-def _ratio(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"{v} is outside (0, 1]: it is the fraction to keep")
-    return v
-
-
-def int_at_least(lo: int):
-    """An argparse type: an integer >= `lo`, else a one-line parser error."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{v} must be >= {lo}")
-        return v
-
-    return parse
-
-
+_Parser = ArgParser  # one-line errors, exit 2 (graphprune/argtypes.py)
+_ratio = number_in(lambda v: None if 0 < v <= 1 else f"{v} is outside (0, 1]: it is the fraction to keep")
 _positive_int = int_at_least(1)
 
 
@@ -313,7 +286,7 @@ def _run_analyze(argv) -> int:
     print(f"MACs {_fmt(d['macs'])}  params {_fmt(d['params'])}  groups {len(d['groups'])}")
     print("\nprunable groups:")
     for g in res.groups:
-        weights = [f"{m.tensor}[{m.axis}]" for m in g.members if m.is_weight and m.role in ("out", "reduce")]
+        weights = [f"{m.tensor}[{m.axis}]" for m in g.members if m.is_weight and m.role in WEIGHT_ROLES]
         unit = f"{g.size:>5} heads x {g.width}" if g.kind == "heads" else f"{g.size:>5} ch"
         print(f"  #{g.id:<3} {unit}  {', '.join(weights[:4])}{' ...' if len(weights) > 4 else ''}")
     print("\npinned (never removed):")

@@ -35,6 +35,7 @@ from .backends import Backend, select_backend
 from .bench import DEFAULT_SEQ, feeds_for, time_sessions
 from .errors import BadInputError, NothingToPruneError
 from .pipeline import Pass, PassManager, PassResult, PruneContext
+from .roles import WEIGHT_ROLES
 
 __all__ = ["LatencyTable", "LatencyRoundPass", "build_latency_table", "prune_to_latency", "latency_vs_flops",
            "latency_cache_dir", "model_digest", "measure_ratio"]
@@ -239,7 +240,7 @@ def _group_layers(ctx: PruneContext, group, symbols: dict, batch: int, seq: int)
     by_node: dict[str, _Layer] = {}
     skipped = []
     for m in group.members:
-        if not m.is_weight or m.role not in ("out", "reduce"):
+        if not m.is_weight or m.role not in WEIGHT_ROLES:
             continue
         t = tensors.get(m.tensor)
         if not isinstance(t, gs.Constant):

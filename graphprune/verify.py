@@ -5,9 +5,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .dependency import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, DependencyGraph, Dim
+from .dependency import DependencyGraph, Dim
+from .compare import compare_outputs
 from .graph import Model
-from .oprules.quant import bypass_activation_qdq, exact_integer_matmuls, zero_fill
+from .oprules.quant import bypass_activation_qdq, exact_integer_matmuls
+from .quantized import zero_fill
+from .roles import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE
 from .runtime import run_model, synthetic_inputs
 
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
@@ -112,18 +115,6 @@ def _restrict_statistics(model: Model, dg: DependencyGraph, removed: dict) -> No
                                            outputs=[full]))
                 small = full
     graph.toposort()
-
-
-def compare_outputs(a: list, b: list) -> dict:
-    worst_abs, worst_rel = 0.0, 0.0
-    for x, y in zip(a, b):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        if x.shape != y.shape:
-            return {"max_abs": float("inf"), "max_rel": float("inf"), "shape_mismatch": [list(x.shape), list(y.shape)]}
-        diff = np.abs(x - y)
-        worst_abs = max(worst_abs, float(diff.max(initial=0)))
-        worst_rel = max(worst_rel, float(diff.max(initial=0) / (np.abs(x).max(initial=0) + 1e-12)))
-    return {"max_abs": worst_abs, "max_rel": worst_rel}
 
 
 # sizes tried for the dynamic non-batch axes: 8 first (cheap); where an input has dynamic spatial
