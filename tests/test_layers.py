@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "ir": {"errors", "argtypes", "model_io", "shape_eval", "graph", "kv_cache", "quantized", "runtime",
            "calibration", "compare"},
-    "analysis": {"roles", "rule_context", "dependency", "cost", "pipeline", "options"},
+    "analysis": {"roles", "rule_context", "dependency", "cost", "pipeline"},
     "oprules": {"oprules", "oprules.*"},
-    "passes": {"passes", "passes.*", "activations", "fidelity", "verify", "verify_io", "api"},
+    "passes": {"passes", "passes.*", "options", "activations", "fidelity", "verify", "verify_io", "api"},
     "measure": {"backends", "backends.*", "bench", "latency", "latency.*", "report_html"},
     "cli": {"cli", "__main__", ""},  # "" is the package itself (graphprune/__init__.py re-exports the API)
 }
