@@ -12,6 +12,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import BadInputError
 from .model_io import ModelMeta, load_model, materialize
+from .op_families import BROADCAST_OPS
 from .shape_eval import ShapeEvaluator
 
 __all__ = ["Model", "Shape"]
@@ -197,8 +198,7 @@ def _refine_slice(node: gs.Node, ev: ShapeEvaluator, refined: dict | None, symbo
 
 
 _SAME_SHAPE = {"GroupNormalization", "MeanVarianceNormalization", "LRN"}
-_BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Greater", "Less",
-              "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "PRelu"}
+_BROADCAST = frozenset(BROADCAST_OPS)
 
 
 def _refine_broadcast(node: gs.Node, refined: dict | None) -> bool:

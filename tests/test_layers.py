@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # bottom to top; a module may import its own layer and the layers below it
 LAYERS = {
-    "ir": {"errors", "argtypes", "model_io", "shape_eval", "graph", "kv_cache", "quantized", "runtime",
+    "ir": {"errors", "argtypes", "op_families", "model_io", "shape_eval", "graph", "kv_cache", "quantized", "runtime",
            "calibration", "compare"},
     "analysis": {"roles", "rule_context", "dependency", "cost", "pipeline"},
     "oprules": {"oprules", "oprules.*"},
@@ -174,3 +174,16 @@ def test_the_checks_catch_what_they_claim(tmp_path, files, expect_cycle, expect_
     edges = _edges(_modules(tmp_path))
     assert bool(_cycles(edges)) == expect_cycle
     assert bool(_upward(edges)) == expect_upward
+
+
+def test_one_list_of_broadcasting_ops():
+    """Shape refinement and the op rules read the same list (they had drifted: graph.py lacked the
+    Bitwise ops and BitShift), and every op on it has the broadcasting rule."""
+    from graphprune import graph, oprules
+    from graphprune.op_families import BROADCAST_OPS
+
+    assert oprules.BROADCAST_OPS is BROADCAST_OPS
+    assert graph._BROADCAST == frozenset(BROADCAST_OPS)
+    reg = oprules.default_registry()
+    kinds = {type(reg.lookup("", op, 18)).__name__ for op in BROADCAST_OPS}
+    assert kinds == {"Broadcast"}, kinds
