@@ -52,7 +52,10 @@ class PruneResult:
 
     def save(self, path: "str | os.PathLike") -> str:
         meta = self.context.model.meta
-        return str(save_model(self.model, path, external_data=meta.had_external_data or None, base_dir=meta.base_dir))
+        # a big model is checked once more, on the written files (the input's own defects aside)
+        check = meta.big and not any("fails onnx.checker" in w for w in self.report.get("warnings", []))
+        return str(save_model(self.model, path, external_data=meta.had_external_data or None, base_dir=meta.base_dir,
+                              progress=self.context.progress.enabled, check=check))
 
 
 @dataclass

@@ -103,11 +103,13 @@ def _import_ort():
 def _model_source(model) -> "tuple[str | bytes, tempfile.TemporaryDirectory | None]":
     """A path or serialized bytes onnxruntime can load; protos over 2 GB go to a temp file."""
     if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() < _TWO_GB:
+        from .model_io import save_model, uses_external_data
+
+        if not uses_external_data(model) and model.ByteSize() < _TWO_GB:
             return model.SerializeToString(), None
         tmp = tempfile.TemporaryDirectory(prefix="graphprune-bench-")
         path = os.path.join(tmp.name, "model.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+        save_model(model, path, external_data=True)
         return path, tmp
     path = os.fspath(model)
     if not os.path.isfile(path):

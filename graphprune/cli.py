@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except GraphpruneError as exc:
         print(f"graphprune: internal error: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
+    except MemoryError:
+        print("graphprune: error: out of memory (the model needs more memory than is free)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("graphprune: interrupted", file=sys.stderr)
         return 130

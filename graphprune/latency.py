@@ -301,7 +301,9 @@ def _layers_model(layers: list, removed: int, opset: int, seed: int = 0) -> "tup
 
 def _time_model(backend: Backend, model: onnx.ModelProto, feeds: dict, runs: int, warmup: int) -> float | None:
     try:
-        onnx.checker.check_model(model)
+        from .model_io import check_model
+
+        check_model(model, full_check=False)
         sess = backend.load(model, feeds)
     except Exception:
         return None

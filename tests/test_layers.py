@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # bottom to top; a module may import its own layer and the layers below it
 LAYERS = {
-    "ir": {"errors", "argtypes", "op_families", "model_io", "shape_eval", "graph", "kv_cache", "quantized", "runtime",
+    "ir": {"errors", "argtypes", "op_families", "external_data", "model_io", "shape_eval", "graph", "kv_cache", "quantized", "runtime",
            "calibration", "compare"},
     "analysis": {"roles", "rule_context", "dependency", "cost", "pipeline"},
     "oprules": {"oprules", "oprules.*"},
