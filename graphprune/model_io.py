@@ -20,7 +20,7 @@ from .external_data import (ALIGN, TWO_GB, all_tensors, expected_bytes, external
                             read_array, resolve_external_data, uses_external_data, weight_bytes)
 
 __all__ = ["ModelMeta", "list_initializers_as_inputs", "load_model", "restore_io_symbols", "save_model",
-           "materialize", "uses_external_data", "without_weights", "check_model", "session_payload", "weight_bytes",
+           "materialize", "uses_external_data", "without_weights", "check_model", "session_payload", "release_run_copies", "weight_bytes",
            "SUPPORTED_OPSETS", "TWO_GB"]
 
 _LIGHT_BYTES = 4096
@@ -270,20 +270,76 @@ def check_model(model: "onnx.ModelProto | str | os.PathLike", full_check: bool =
         onnx.checker.check_model(os.fspath(model), full_check=full_check)
 
 
+class _RunCopies:
+    """Where onnxruntime reads big models from: one scratch folder holding one data file that
+    every tensor is copied into once (keyed by its source file, offset and length), and a small
+    graph file per model. Repeated sessions over the same weights (calibration statistics,
+    Hessian chunks, the oracle's masked original and pruned model) then cost a graph write,
+    not a copy of the model. :func:`release_run_copies` empties it (the end of a prune)."""
+
+    def __init__(self) -> None:
+        self.dir: tempfile.TemporaryDirectory | None = None
+        self.index: dict = {}
+        self.count = 0
+
+    def graph_path(self, model: onnx.ModelProto) -> str:
+        if self.dir is None:
+            self.dir = tempfile.TemporaryDirectory(prefix="graphprune-run-")
+        folder = Path(self.dir.name)
+        data = folder / "weights.data"
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        try:
+            with open(data, "ab") as out:
+                for t in all_tensors(work):
+                    if not external_data_helper.uses_external_data(t):
+                        continue
+                    loc, offset, length = external_info(t)
+                    key = (loc, offset, length)
+                    if key not in self.index:
+                        pad = (-out.tell()) % ALIGN
+                        out.write(b"\0" * pad)
+                        self.index[key] = out.tell()
+                        _copy_range(loc, offset, length, out, None)
+                    del t.external_data[:]
+                    for k, v in (("location", data.name), ("offset", self.index[key]), ("length", length)):
+                        e = t.external_data.add()
+                        e.key, e.value = k, str(v)
+        except OSError as exc:
+            raise BadInputError(f"cannot write a scratch copy to run the model in {folder.parent}: "
+                                f"{exc.strerror or exc} (set TMPDIR to a folder with space)") from None
+        self.count += 1
+        path = folder / f"model{self.count}.onnx"
+        path.write_bytes(work.SerializeToString())
+        return str(path)
+
+    def release(self) -> None:
+        if self.dir is not None:
+            self.dir.cleanup()
+        self.dir, self.index = None, {}
+
+
+_RUN_COPIES = _RunCopies()
+
+
+def release_run_copies() -> None:
+    """Remove the scratch copies big models were run from (see :func:`session_payload`)."""
+    _RUN_COPIES.release()
+
+
 def session_payload(model: onnx.ModelProto):
     """What onnxruntime should load for `model`: its bytes, or for a big model with external
-    weights a path to a scratch copy written tensor by tensor (onnxruntime maps a file's
-    weights itself; handing it memory-mapped arrays instead makes it copy them), with the
-    TemporaryDirectory that must outlive the session."""
+    weights the path of a graph beside a scratch copy of its weights (onnxruntime then reads
+    the file itself; handing it memory-mapped arrays makes it copy them, and it refuses data
+    outside the graph's folder or behind a symlink). The second item must outlive the session
+    (None here: the copies live until :func:`release_run_copies`)."""
     if not uses_external_data(model):
         return model.SerializeToString(), None
     if not is_big(model):
         work = onnx.ModelProto()
         work.CopyFrom(model)
         return materialize(work).SerializeToString(), None
-    tmp = tempfile.TemporaryDirectory(prefix="graphprune-run-")
-    path = save_model(model, Path(tmp.name) / "model.onnx", external_data=True)
-    return str(path), tmp
+    return _RUN_COPIES.graph_path(model), None
 
 
 def _bar(progress: bool, total: int, desc: str):
