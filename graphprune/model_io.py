@@ -375,7 +375,7 @@ def _stale_data_files(path: Path, keep: set) -> list[Path]:
     that the graph now at `path` references; removed once a new pair replaces it."""
     pattern = re.compile(re.escape(path.name) + r"(\.[0-9a-f]{8})?\.data")
     try:
-        if not path.is_file() or path.is_symlink():
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 28:
             return []
         old = onnx.load(str(path), load_external_data=False)
     except Exception:
@@ -426,9 +426,9 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
         os.close(fd)
         temps.append(tmp)
         os.chmod(tmp, 0o666 & ~umask)
+        stale = _stale_data_files(path, {os.path.realpath(external_info(t)[0]) for t in all_tensors(model)
+                                         if external_data_helper.uses_external_data(t)})
         if external_data:
-            stale = _stale_data_files(path, {os.path.realpath(external_info(t)[0]) for t in all_tensors(model)
-                                             if external_data_helper.uses_external_data(t)})
             data_name = f"{path.name}.{secrets.token_hex(4)}.data"
             while (path.parent / data_name).exists():
                 data_name = f"{path.name}.{secrets.token_hex(4)}.data"
@@ -453,9 +453,6 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
                 onnx.checker.check_model(tmp, full_check=True)
             os.replace(tmp, path)  # graph and data now visible together
             published.clear()
-            for f in stale:
-                with contextlib.suppress(OSError):
-                    f.unlink()
         else:
             if uses_external_data(model):
                 work = onnx.ModelProto()
@@ -467,6 +464,9 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
                 f.write(model.SerializeToString(deterministic=True))
             os.replace(tmp, path)
         temps.remove(tmp)
+        for f in stale:  # the data file of the graph just replaced
+            with contextlib.suppress(OSError):
+                f.unlink()
     except MemoryError:
         raise BadInputError(f"cannot write {path}: out of memory") from None
     except OSError as exc:

@@ -294,6 +294,17 @@ def test_resave_leaves_one_data_file(llm, tmp_path, big):
     onnx.checker.check_model(str(out), full_check=True)
 
 
+def test_single_file_save_removes_the_old_data_file(llm, tmp_path, monkeypatch):
+    out = tmp_path / "o" / "p.onnx"
+    monkeypatch.setenv(external_data.BIG_MODEL_ENV, TINY_THRESHOLD)
+    graphprune.prune(str(llm), 0.5).save(out)
+    assert any(n.endswith(".data") for n in os.listdir(out.parent))
+    monkeypatch.delenv(external_data.BIG_MODEL_ENV)
+    model_io.save_model(graphprune.prune(str(llm), 0.5).model, out, external_data=False)
+    assert os.listdir(out.parent) == ["p.onnx"]
+    onnx.checker.check_model(str(out), full_check=True)
+
+
 def test_concurrent_saves_never_mix_graph_and_data(llm, tmp_path, big):
     """Two results written to one output at once: every graph a reader finds names a data file
     that exists and belongs to it (the weights of one run, never the other's)."""
