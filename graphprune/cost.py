@@ -119,7 +119,7 @@ def node_cost_terms(node: gs.Node, spatial: dict | None = None) -> list[CostTerm
 
 def param_cost_terms(model: Model) -> list[CostTerm]:
     """One term per weight initializer (floating point, or an integer weight read by DequantizeLinear)."""
-    from .oprules.quant import dequant_weight
+    from .quantized import dequant_weight
 
     terms = []
     for t in model.graph.tensors().values():

@@ -13,6 +13,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from .errors import BadInputError
 from .external_data import read_array, spill
 from .model_io import ModelMeta, load_model, materialize, without_weights
+from .op_families import BROADCAST_OPS
 from .shape_eval import ShapeEvaluator
 
 __all__ = ["Model", "Shape"]
@@ -224,8 +225,7 @@ def _refine_slice(node: gs.Node, ev: ShapeEvaluator, refined: dict | None, symbo
 
 
 _SAME_SHAPE = {"GroupNormalization", "MeanVarianceNormalization", "LRN"}
-_BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Greater", "Less",
-              "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "PRelu"}
+_BROADCAST = frozenset(BROADCAST_OPS)
 
 
 def _refine_broadcast(node: gs.Node, refined: dict | None) -> bool:

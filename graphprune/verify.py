@@ -5,9 +5,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .dependency import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, DependencyGraph, Dim
+from .dependency import DependencyGraph, Dim
+from .compare import compare_outputs
 from .graph import Model
-from .oprules.quant import bypass_activation_qdq, exact_integer_matmuls, zero_fill
+from .oprules.quant import bypass_activation_qdq, exact_integer_matmuls
+from .quantized import zero_fill
+from .roles import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE
 from .runtime import run_model, synthetic_inputs
 
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
@@ -113,18 +116,6 @@ def _restrict_statistics(model: Model, dg: DependencyGraph, removed: dict) -> No
     graph.toposort()
 
 
-def compare_outputs(a: list, b: list) -> dict:
-    worst_abs, worst_rel = 0.0, 0.0
-    for x, y in zip(a, b):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        if x.shape != y.shape:
-            return {"max_abs": float("inf"), "max_rel": float("inf"), "shape_mismatch": [list(x.shape), list(y.shape)]}
-        diff = np.abs(x - y)
-        worst_abs = max(worst_abs, float(diff.max(initial=0)))
-        worst_rel = max(worst_rel, float(diff.max(initial=0) / (np.abs(x).max(initial=0) + 1e-12)))
-    return {"max_abs": worst_abs, "max_rel": worst_rel}
-
-
 # sizes tried for the dynamic non-batch axes: 8 first (cheap); where an input has dynamic spatial
 # axes (detectors and other fully convolutional nets need a multiple of their total stride: 8x8
 # images collapse to 1x1 before an upsample+concat) larger sizes follow when the original fails
@@ -165,7 +156,7 @@ def _has_dynamic_spatial_axes(model: onnx.ModelProto) -> bool:
 def _check_at_scale(masked: onnx.ModelProto, pruned: onnx.ModelProto, slices: dict, seed: int, rtol: float,
                      size: int) -> dict:
     """The oracle for a big model: one batch at one short sequence; the masked original, then
-    the pruned model, each written to a scratch folder and run from there by onnxruntime, one
+    the pruned model, each run by onnxruntime from a scratch copy of its weights, one
     session at a time (never both models in memory). The peak is onnxruntime's own: about the
     model's size, more where it materialises a weight's transpose (a tied embedding)."""
     from .errors import BadInputError
@@ -174,24 +165,16 @@ def _check_at_scale(masked: onnx.ModelProto, pruned: onnx.ModelProto, slices: di
 
     feeds = synthetic_inputs(masked, batch=1, seq=size, seed=seed + 1)
     names = [o.name for o in masked.graph.output]
-    src, keep = session_payload(masked)
-    try:
-        want = slice_arrays(dict(zip(names, run_model(src, feeds))), slices)
+    try:  # each session is released when run_model returns
+        want = slice_arrays(dict(zip(names, run_model(session_payload(masked)[0], feeds))), slices)
     except Exception as exc:
         shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInputError(f"--verify: the original model itself does not run on synthetic inputs ({shapes}): "
                             f"{msg[:300]}") from None
-    finally:
-        if keep is not None:
-            keep.cleanup()
     pruned_inputs = {i.name for i in pruned.graph.input}
-    src, keep = session_payload(pruned)
-    try:
-        got = run_model(src, {k: v for k, v in slice_arrays(feeds, slices).items() if k in pruned_inputs})
-    finally:
-        if keep is not None:
-            keep.cleanup()
+    got = run_model(session_payload(pruned)[0],
+                    {k: v for k, v in slice_arrays(feeds, slices).items() if k in pruned_inputs})
     cmp = compare_outputs([want[n] for n in names], got)
     return {"batch1": cmp, "at_scale": f"big model: one batch at sequence {size}, models run one at a time",
             "equivalent": bool(cmp["max_rel"] <= rtol)}

@@ -9,6 +9,7 @@ import numpy as np
 
 from graphprune.cost import node_cost_terms, param_cost_terms, spatial_hints
 from graphprune.errors import BadInputError, NothingToPruneError
+from graphprune.options import PruneOptions
 from graphprune.pipeline import Pass, PassResult, PruneContext
 
 __all__ = ["AllocatePass", "PrunePlan", "CostTracker"]
@@ -151,8 +152,8 @@ class AllocatePass(Pass):
         if not candidates:
             raise NothingToPruneError(
                 "nothing to prune: every channel is pinned or protected (run `graphprune analyze` to see why)")
-        round_to = int(ctx.option("round_to", 8) or 1)
-        min_keep = float(ctx.option("min_keep", 0.1))
+        round_to = int(ctx.option("round_to", PruneOptions.default("round_to")) or 1)
+        min_keep = float(ctx.option("min_keep", PruneOptions.default("min_keep")))
         if ctx.option("uniform", False):
             plan = self._uniform(ctx, tracker, candidates, targets, round_to, min_keep)
         else:

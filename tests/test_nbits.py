@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
-from graphprune.oprules.nbits import dequantize_nbits, quantize_nbits
+from graphprune.quantized import dequantize_nbits, quantize_nbits
 from graphprune.runtime import run_model, synthetic_inputs
 
 F = TensorProto.FLOAT
@@ -153,7 +153,7 @@ def test_gather_block_quantized_embedding_hidden_in_whole_blocks(zp):
     ids = np.array([[0, 3, 39, 7]])
     import onnx_graphsurgeon as gs
 
-    from graphprune.oprules.nbits import _unpack
+    from graphprune.quantized import unpack_bits as _unpack
 
     node = gs.import_onnx(model).nodes[0]
     q = np.asarray(node.inputs[0].values).reshape(40, 4, 8)

@@ -84,7 +84,7 @@ def requant_error(int4_folder: str, fraction: float, seed: int = 0) -> dict:
     import onnx_graphsurgeon as gs
 
     from graphprune.graph import Model
-    from graphprune.oprules.nbits import dequantize_nbits, quantize_nbits
+    from graphprune.quantized import dequantize_nbits, quantize_nbits
 
     model = Model.load(os.path.join(int4_folder, "model.onnx"))
     rng = np.random.default_rng(seed)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..op_families import BROADCAST_OPS
+from ..roles import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE
 from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
 
 __all__ = ["register_builtin_rules", "UNARY_OPS", "BROADCAST_OPS"]
-
-ROLE_OUT, ROLE_REDUCE, ROLE_PARAM = "out", "reduce", "param"
 
 UNARY_OPS = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Softplus",
@@ -16,11 +16,6 @@ UNARY_OPS = (
     "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan",
     "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Not", "IsNaN", "IsInf", "Identity", "Cast", "CastLike",
     "Dropout", "Clip", "Shrink", "BitwiseNot",
-)
-BROADCAST_OPS = (
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Equal", "Greater",
-    "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitShift", "BitwiseAnd",
-    "BitwiseOr", "BitwiseXor",
 )
 
 
