@@ -299,3 +299,12 @@ def test_folder_default_output_is_a_sibling_folder(tmp_path):
     out = tmp_path / "llama_fp32_pruned"
     assert {"model.onnx", "genai_config.json", "tokenizer.json"} <= set(os.listdir(out))
     assert sorted(os.listdir(folder)) == sorted(os.listdir(FIXTURES["llama_fp32"]))  # nothing written beside the input
+
+
+def test_verify_inputs_from_the_api():
+    path = os.path.join(FIXTURES["phi3_fp32"], "model.onnx")
+    feeds = synthetic_inputs(onnx.load(path), batch=2, seq=1, seed=5)
+    res = graphprune.prune(path, target_flops=0.6, prune_kv_cache=True, verify_inputs=feeds)
+    assert set(res.report["oracle"]) == {"inputs", "equivalent"} and res.report["oracle"]["equivalent"]
+    with pytest.raises(graphprune.errors.BadInputError, match="no array for graph input"):
+        graphprune.prune(path, target_flops=0.6, verify_inputs={"input_ids": feeds["input_ids"]})
