@@ -308,3 +308,39 @@ def test_verify_inputs_from_the_api():
     assert set(res.report["oracle"]) == {"inputs", "equivalent"} and res.report["oracle"]["equivalent"]
     with pytest.raises(graphprune.errors.BadInputError, match="no array for graph input"):
         graphprune.prune(path, target_flops=0.6, verify_inputs={"input_ids": feeds["input_ids"]})
+
+
+@pytest.mark.parametrize("num_heads_attr", [4, 0])
+def test_rotary_embedding_keeps_whole_heads(num_heads_attr, oracle):
+    """com.microsoft RotaryEmbedding on 3-D q and k (the builder's fp16 form) before MultiHeadAttention:
+    whole heads go, head_size and the cos/sin caches stay, num_heads is rewritten where set."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    hidden, heads, d, max_pos = 32, 4, 8, 64
+    inv = 1.0 / 10000 ** (np.arange(0, d, 2) / d)
+    ang = np.arange(max_pos)[:, None] * inv[None]
+    w = {n: (rng.standard_normal((hidden, hidden)) * 0.3).astype(np.float32) for n in ("Wq", "Wk", "Wv", "Wo")}
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    inits += [numpy_helper.from_array(np.cos(ang).astype(np.float32), "cos"),
+              numpy_helper.from_array(np.sin(ang).astype(np.float32), "sin")]
+    rot = {"num_heads": num_heads_attr} if num_heads_attr else {}
+    nodes = [helper.make_node("MatMul", ["x", n], [n.lower()[1]]) for n in ("Wq", "Wk", "Wv")]
+    nodes += [helper.make_node("RotaryEmbedding", [t, "pos", "cos", "sin"], [t + "r"], domain="com.microsoft", **rot)
+              for t in ("q", "k")]
+    nodes += [helper.make_node("MultiHeadAttention", ["qr", "kr", "v"], ["a"], domain="com.microsoft", num_heads=heads),
+              helper.make_node("MatMul", ["a", "Wo"], ["m"]), helper.make_node("Add", ["m", "x"], ["y"])]
+    F = TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "rope", [helper.make_tensor_value_info("x", F, ["batch", "seq", hidden]),
+                                               helper.make_tensor_value_info("pos", TensorProto.INT64, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("y", F, ["batch", "seq", hidden])], inits,
+                              value_info=[helper.make_tensor_value_info(n, F, ["batch", "seq", hidden])
+                                          for n in ("qr", "kr", "a")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    res = oracle(model, target_flops=0.6, round_to=1, uniform=True)
+    kept = {n.op_type: {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in res.model.graph.node
+            if n.op_type in ("RotaryEmbedding", "MultiHeadAttention")}
+    assert kept["MultiHeadAttention"]["num_heads"] < heads
+    if num_heads_attr:
+        assert kept["RotaryEmbedding"]["num_heads"] == kept["MultiHeadAttention"]["num_heads"]
+    assert {t.name: t.dims for t in res.model.graph.initializer}["cos"] == [max_pos, d // 2]
