@@ -8,7 +8,7 @@ scales' type), g_idx [K], bias [N]; attributes K, N, bits, block_size.
 - Output rows (N) are free: row n of B, scales, zero points and bias goes with output channel n.
 - Input columns (K) go only in whole quantization blocks (so no weight is re-quantized and the
   pruned op computes exactly what the masked original does); a packed uint8 zero-point byte holds
-  8 / bits blocks, which then go together. With g_idx (act-order) K is pinned.
+  8 / bits blocks, which then go together. With g_idx (act-order) or flat scales K is pinned.
 
 The oracle zeroes a removed channel through the scales (scale 0 dequantizes any code to 0);
 criteria read the dequantized weight (graphprune.quantized.dequantize_nbits).
@@ -52,8 +52,11 @@ class MatMulNBits(OpRule):
             ctx.tie(scales, 0, y, -1)
         ctx.role(scales, 0, "out")
         if zp is not None:
-            ctx.tie(zp, 0, y, -1) if len(ctx.shape(zp)) == 2 else ctx.pin(zp, 0, "flat zero points")
-            ctx.role(zp, 0, "param")
+            if len(ctx.shape(zp)) == 2:
+                ctx.tie(zp, 0, y, -1)
+                ctx.role(zp, 0, "param")
+            else:
+                ctx.pin(zp, 0, "flat zero points")
         if bias is not None:
             ctx.tie(bias, 0, y, -1)
             ctx.role(bias, 0, "param")
@@ -87,14 +90,12 @@ class MatMulNBits(OpRule):
 
     def rewrite(self, rctx: RewriteContext) -> None:
         node = rctx.node
-        a, y, scales = node.inputs[0], node.outputs[0], node.inputs[2]
+        a, y = node.inputs[0], node.outputs[0]
         kept_k, kept_n = rctx.kept(a, -1), rctx.kept(y, -1)
         if kept_k is not None:
             node.attrs["K"] = int(len(kept_k))
-        if kept_n is not None:
+        if kept_n is not None:  # flat scales are sliced elementwise by their tie (n * k_blocks + j)
             node.attrs["N"] = int(len(kept_n))
-            if len(rctx.orig_shape(scales) or ()) == 1:
-                pass  # flat scales: sliced elementwise by the tie (n * k_blocks + j)
 
 
 class GatherBlockQuantized(OpRule):
