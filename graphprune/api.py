@@ -70,6 +70,7 @@ class AnalysisResult:
     def to_dict(self) -> dict:
         return {
             "macs": int(self.cost.macs), "params": int(self.cost.params),
+            "cost_shape": {k: list(v) for k, v in self.cost.input_shape.items()},
             "groups": [g.to_dict() | {"nodes": g.nodes} for g in self.groups],
             "pinned": [{"tensor": p.tensor, "axis": p.axis, "channels": p.count, "reason": p.reason}
                        for p in self.pinned],
@@ -196,10 +197,12 @@ def _group_report(ctx: PruneContext) -> list[dict]:
 def analyze(model: "str | os.PathLike | onnx.ModelProto", *, registry: OpRuleRegistry | None = None,
             pipeline: PassManager | None = None, policy: dict | None = None,
             gqa_uniform: bool = False, prune_kv_cache: bool = False, prune_hidden: bool = False,
-            head_dim: bool = False) -> AnalysisResult:
-    """Groups, pinned channels (with reasons) and MACs per layer, without changing anything."""
+            head_dim: bool = False, shape=None) -> AnalysisResult:
+    """Groups, pinned channels (with reasons) and MACs per layer, without changing anything.
+    `shape`: {input: dims} (or NAME:DxD... strings) the MACs are counted at (see cost.input_shapes)."""
     policy = policy_from(policy, gqa_uniform=gqa_uniform, head_dim=head_dim, prune_hidden=prune_hidden,
                          prune_kv_cache=prune_kv_cache)
-    ctx = _context(model, registry, {"policy": policy or {}}, False)
+    shape = PruneOptions.spec("shape").check("shape", shape)
+    ctx = _context(model, registry, {"policy": policy or {}, "shape": shape}, False)
     (pipeline or analysis_pipeline()).run(ctx)
-    return AnalysisResult(ctx.groups, ctx.dependency.pinned, model_cost(ctx.model), ctx)
+    return AnalysisResult(ctx.groups, ctx.dependency.pinned, model_cost(ctx.model, shape), ctx)

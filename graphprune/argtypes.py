@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-__all__ = ["EXIT_OK", "EXIT_INTERNAL", "EXIT_BAD_INPUT", "ArgParser", "int_at_least", "number_in"]
+__all__ = ["EXIT_OK", "EXIT_INTERNAL", "EXIT_BAD_INPUT", "ArgParser", "int_at_least", "number_in", "parse_shape", "parse_shapes"]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -48,3 +48,39 @@ def number_in(check: Callable[[float], str | None]) -> Callable[[str], float]:
         return v
 
     return parse
+
+
+def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """`name:1x3x224x224` -> ("name", (1, 3, 224, 224)); BadInputError (one line) otherwise."""
+    from .errors import BadInputError
+
+    name, sep, dims = str(text).rpartition(":")
+    if not sep or not name or not dims:
+        raise BadInputError(f"--shape {text!r}: expected NAME:DxDx... (e.g. input:1x3x224x224)")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        raise BadInputError(f"--shape {text!r}: dimensions must be positive integers separated by 'x'") from None
+    if not shape or any(d < 1 for d in shape):
+        raise BadInputError(f"--shape {text!r}: dimensions must be positive integers separated by 'x'")
+    return name, shape
+
+
+def parse_shapes(value) -> dict[str, tuple[int, ...]]:
+    """{input name: shape} from NAME:DxD... strings or a dict (the API); the same name twice with
+    different shapes is an error."""
+    from .errors import BadInputError
+
+    items = value.items() if isinstance(value, dict) else [parse_shape(t) for t in value]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in items:
+        try:
+            shape = tuple(int(d) for d in shape)
+        except (TypeError, ValueError):
+            raise BadInputError(f"shape of input {name!r} must be a sequence of integers, got {shape!r}") from None
+        if not shape or any(d < 1 for d in shape):
+            raise BadInputError(f"shape of input {name!r}: dimensions must be positive integers, got {shape}")
+        if shapes.get(name, shape) != shape:
+            raise BadInputError(f"--shape gives input {name} twice with different shapes")
+        shapes[name] = shape
+    return shapes

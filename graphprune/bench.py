@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .argtypes import EXIT_BAD_INPUT, EXIT_OK, ArgParser, int_at_least
+from .argtypes import EXIT_BAD_INPUT, EXIT_OK, ArgParser, int_at_least, parse_shape
 from .backends import BACKENDS, Backend, select_backend
 from .errors import BadInputError
 from .runtime import synthetic_inputs
@@ -27,20 +27,6 @@ __all__ = ["main", "build_parser", "bench_models", "format_bench", "parse_shape"
            "latency_stats", "add_bench_options", "bench_kwargs", "bench_from_args", "shapes_from_args"]
 
 DEFAULT_RUNS, DEFAULT_WARMUP, DEFAULT_SEQ = 50, 10, 128
-
-
-def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
-    """`name:1x3x224x224` -> ("name", (1, 3, 224, 224))."""
-    name, sep, dims = str(text).rpartition(":")
-    if not sep or not name or not dims:
-        raise BadInputError(f"--shape {text!r}: expected NAME:DxDx... (e.g. input:1x3x224x224)")
-    try:
-        shape = tuple(int(d) for d in dims.lower().split("x"))
-    except ValueError:
-        raise BadInputError(f"--shape {text!r}: dimensions must be positive integers separated by 'x'") from None
-    if not shape or any(d < 1 for d in shape):
-        raise BadInputError(f"--shape {text!r}: dimensions must be positive integers separated by 'x'")
-    return name, shape
 
 
 def _load_header(model) -> onnx.ModelProto:
@@ -222,7 +208,8 @@ def add_bench_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(opt("seq"), type=_positive, default=DEFAULT_SEQ, metavar="N",
                    help=f"size of other dynamic axes, e.g. sequence length (default: {DEFAULT_SEQ})")
     p.add_argument(opt("shape"), action="append", default=[], metavar="NAME:DxD...",
-                   help="full shape of one input, e.g. input:1x3x224x224 (repeatable; overrides --batch/--seq)")
+                   help="full shape of one input, e.g. input:1x3x224x224 (repeatable; overrides --batch/--seq; "
+                        "prune also counts MACs at it)")
     p.add_argument(opt("fp16"), action="store_true",
                    help="TensorRT: build the engine with fp16 enabled; PyTorch CUDA: run the module in fp16")
 

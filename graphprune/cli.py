@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .argtypes import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, ArgParser, number_in
 from .errors import BadInputError, GraphpruneError
+from .cost import format_shape
 from .options import ANALYZE, PRUNE, add_option_arguments, check_ratio, options_from_args
 from .roles import WEIGHT_ROLES
 
@@ -121,6 +122,9 @@ def _run_prune(args) -> int:
         raise BadInputError("--calib-preprocess needs --calib (a folder of images)")
     progress = not args.quiet and sys.stderr.isatty()
     common = options_from_args(args, PRUNE) | {"progress": progress}
+    from .bench import shapes_from_args
+
+    common["shape"] = shapes_from_args(args) or None  # --shape: the latency inputs and the MACs count
     del common["target_flops"], common["target_params"]
     if folder is not None:  # the folder's runtime: same heads in every layer, the cache follows
         policy = folder.policy
@@ -161,7 +165,9 @@ def _run_prune(args) -> int:
         write_report_html(r, args.report_html, model=str(src), bench=r.get("bench"))
     if not args.quiet:
         pruned = sum(1 for g in r["groups"] if g["removed"])
-        print(f"MACs    {_fmt(r['macs_before'])} -> {_fmt(r['macs_after'])}  ({r['macs_ratio']:.3f})")
+        at = format_shape(r.get("cost_shape", {}))
+        print(f"MACs    {_fmt(r['macs_before'])} -> {_fmt(r['macs_after'])}  ({r['macs_ratio']:.3f})"
+              + (f"  at {at}" if at else ""))
         print(f"params  {_fmt(r['params_before'])} -> {_fmt(r['params_after'])}  ({r['params_ratio']:.3f})")
         print(f"groups  {len(r['groups'])} found, {pruned} pruned; {len(r['pinned'])} weight axes pinned")
         for h in r.get("hidden", []):
@@ -236,7 +242,9 @@ def _run_analyze(argv) -> int:
     args = build_analyze_parser().parse_args(argv)
     res = analyze(args.model, **options_from_args(args, ANALYZE))
     d = res.to_dict()
-    print(f"MACs {_fmt(d['macs'])}  params {_fmt(d['params'])}  groups {len(d['groups'])}")
+    at = format_shape(res.cost.input_shape)
+    print(f"MACs {_fmt(d['macs'])}  params {_fmt(d['params'])}  groups {len(d['groups'])}"
+          + (f"  (at {at})" if at else ""))
     print("\nprunable groups:")
     for g in res.groups:
         weights = [f"{m.tensor}[{m.axis}]" for m in g.members if m.is_weight and m.role in WEIGHT_ROLES]

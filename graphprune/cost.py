@@ -11,8 +11,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph import Model, tensor_shape
+from .graph import tensor_shape as _declared_shape
 
-__all__ = ["CostTerm", "node_cost_terms", "param_cost_terms", "model_cost", "CostSummary"]
+__all__ = ["CostTerm", "node_cost_terms", "param_cost_terms", "model_cost", "CostSummary", "input_shapes",
+           "concrete_shapes", "format_shape", "DEFAULT_BATCH", "DEFAULT_IMAGE_SIZE", "DEFAULT_SEQUENCE"]
 
 
 @dataclass
@@ -32,49 +34,123 @@ def _vol(shape) -> float:
     return float(np.prod([_static(d) for d in shape])) if shape else 1.0
 
 
-# dynamic spatial axes (images of any size: detectors, segmenters, fully convolutional nets) are
-# costed at this size, so layers at different strides keep their true MAC ratios
-SPATIAL_HINT_SIZE = 224
+# Default input shape for dynamic axes (the shape MACs are counted at unless given): batch 1,
+# dynamic image axes (rank-4 inputs, axes 2 and 3) DEFAULT_IMAGE_SIZE, every other dynamic axis
+# (sequence, past length, ...) DEFAULT_SEQUENCE. One size per symbol: axes sharing a name agree.
+DEFAULT_BATCH, DEFAULT_IMAGE_SIZE, DEFAULT_SEQUENCE = 1, 224, 128
+SPATIAL_HINT_SIZE = DEFAULT_IMAGE_SIZE  # the name earlier releases used
 
 
-def spatial_hints(model: Model) -> dict[str, tuple]:
-    """Conv/ConvTranspose spatial sizes for graphs whose spatial axes are dynamic: shape inference
-    with every dynamic non-batch input axis set to SPATIAL_HINT_SIZE. {} when all are static (or
-    inference fails). Cached on the model for its current graph."""
-    cached = model.__dict__.get("_spatial_hints")
-    if cached is not None and cached[0] is model.graph:
-        return cached[1]
-    names = []
+def _graph_input_shapes(model: Model) -> dict[str, tuple]:
+    return {t.name: tensor_shape(t) for t in model.graph.inputs if tensor_shape(t) is not None}
+
+
+def input_shapes(model: Model, given: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """The concrete shape of every graph input MACs are counted at: `given` ({name: dims}, checked
+    against the declared rank and static dims) where given, else static dims as they are and the
+    defaults above for dynamic ones."""
+    from .errors import BadInputError
+
+    given = dict(given or {})
+    declared = _graph_input_shapes(model)
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise BadInputError(f"--shape names {', '.join(unknown)}, not an input of the model "
+                            f"(inputs: {', '.join(declared) or 'none'})")
+    symbols: dict[str, int] = {}
+    for name, shape in given.items():
+        dims = declared[name]
+        if len(dims) != len(shape):
+            raise BadInputError(f"--shape {name}: the input has rank {len(dims)}, --shape gives {len(shape)} dims")
+        for axis, (d, v) in enumerate(zip(dims, shape)):
+            if isinstance(d, int) and d > 0 and d != v:
+                raise BadInputError(f"--shape {name}: axis {axis} has static size {d}, --shape gives {v}")
+            if isinstance(d, str) and d:
+                symbols.setdefault(d, int(v))
+    out = {}
+    for name, dims in declared.items():
+        if name in given:
+            out[name] = tuple(int(v) for v in given[name])
+            continue
+        shape = []
+        for axis, d in enumerate(dims):
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+                continue
+            if isinstance(d, str) and d in symbols:
+                shape.append(symbols[d])
+                continue
+            v = DEFAULT_BATCH if axis == 0 and len(dims) > 1 else \
+                DEFAULT_IMAGE_SIZE if len(dims) == 4 and axis >= 2 else DEFAULT_SEQUENCE
+            if isinstance(d, str) and d:
+                symbols[d] = v
+            shape.append(v)
+        out[name] = tuple(shape)
+    return out
+
+
+def _needs_concrete(model: Model) -> bool:
     for node in model.graph.nodes:
-        if node.op in ("Conv", "ConvTranspose") and len(node.inputs) > 1:
-            t = node.outputs[0] if node.op == "Conv" else node.inputs[0]
-            shape = tensor_shape(t)
-            if shape is not None and not all(isinstance(d, int) and d > 0 for d in shape[2:]):
-                names.append(t.name)
-    hints: dict[str, tuple] = {}
-    if names:
+        if node.op in _COSTED:
+            for t in (*node.inputs, *node.outputs):
+                shape = tensor_shape(t) if t.name else ()
+                if shape is not None and not all(isinstance(d, int) and d > 0 for d in shape):
+                    return True
+    return False
+
+
+_COSTED = ("Conv", "ConvTranspose", "ConvInteger", "LSTM", "GRU", "RNN", "Attention", "Gemm", "MatMul",
+           "MatMulInteger", "MatMulNBits")
+
+
+def concrete_shapes(model: Model, given: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """{tensor: static shape} at the concrete input shape (see input_shapes): onnx shape inference
+    with data propagation, then graphprune's refinement (shape sub-graphs evaluated), on a copy
+    whose inputs are fixed. Folded axes (heads or windows merged into the batch axis) and dynamic
+    image sizes get their real sizes this way. {} when every costed tensor is static already (or
+    inference fails). Cached on the model for its current graph and shape."""
+    key = tuple(sorted((k, tuple(v)) for k, v in (given or {}).items()))
+    cached = model.__dict__.get("_concrete_shapes")
+    if cached is not None and cached[0] is model.graph and cached[1] == key:
+        return cached[2]
+    out: dict[str, tuple] = {}
+    if given or _needs_concrete(model):
+        shapes = input_shapes(model, given)
         try:
             proto = model.to_proto(infer=False, materialize_data=False)
             for vi in proto.graph.input:
-                for k, d in enumerate(vi.type.tensor_type.shape.dim):
-                    if k > 0 and not (d.HasField("dim_value") and d.dim_value > 0):
+                if vi.name in shapes:
+                    dims = vi.type.tensor_type.shape.dim
+                    for d, v in zip(dims, shapes[vi.name]):
                         d.Clear()
-                        d.dim_value = SPATIAL_HINT_SIZE
+                        d.dim_value = int(v)
             del proto.graph.value_info[:]
+            for vi in proto.graph.output:
+                vi.type.tensor_type.ClearField("shape")
             fixed = Model.from_proto(proto, model.meta).graph.tensors()  # refines run-time shapes too
-            for name in names:
-                shape = tensor_shape(fixed[name]) if name in fixed else None
-                if shape is not None and len(shape) > 2 and all(isinstance(d, int) and d > 0 for d in shape[2:]):
-                    hints[name] = tuple(shape[2:])
-        except Exception:  # no hints: dynamic axes count as 1, as before
-            hints = {}
-    model.__dict__["_spatial_hints"] = (model.graph, hints)
-    return hints
+            for name, t in fixed.items():
+                shape = tensor_shape(t)
+                if shape is not None and all(isinstance(d, int) and d >= 0 for d in shape):
+                    out[name] = tuple(shape)
+        except Exception:  # no concrete shapes: dynamic axes count as 1
+            out = {}
+    model.__dict__["_concrete_shapes"] = (model.graph, key, out)
+    return out
+
+
+def spatial_hints(model: Model, given: dict | None = None) -> dict[str, tuple]:
+    """Concrete shapes for node_cost_terms (kept under its earlier name): see concrete_shapes."""
+    return concrete_shapes(model, given)
 
 
 def node_cost_terms(node: gs.Node, spatial: dict | None = None) -> list[CostTerm]:
-    """MACs of one node (batch counted as 1; dynamic spatial axes of convs at `spatial`'s sizes
-    where given, see spatial_hints; other dynamic axes counted as 1)."""
+    """MACs of one node; `spatial`: {tensor: concrete shape} (see concrete_shapes) for dynamic
+    axes, which count as 1 where it has none."""
+    known = spatial or {}
+
+    def tensor_shape(t):  # noqa: F811 - the concrete shape where known
+        return known.get(t.name) or _declared_shape(t)
+
     op = node.op
     name = node.name or node.outputs[0].name
     ins = [t if t.name else None for t in node.inputs]
@@ -83,8 +159,7 @@ def node_cost_terms(node: gs.Node, spatial: dict | None = None) -> list[CostTerm
         ws, ys, xs = tensor_shape(w), tensor_shape(y), tensor_shape(x)
         if ws is None or ys is None or xs is None:
             return []
-        spatial_t = y if op == "Conv" else x
-        spatial = (spatial or {}).get(spatial_t.name) or (ys[2:] if op == "Conv" else xs[2:])
+        spatial = ys[2:] if op == "Conv" else xs[2:]
         coef = _vol(spatial) * _static(ys[0]) * _vol(ws[2:])
         return [CostTerm(name, coef, [(w.name, 0), (w.name, 1)])]
     if op in ("LSTM", "GRU", "RNN") and len(ins) > 2 and ins[1] is not None and ins[2] is not None:
@@ -140,9 +215,15 @@ class CostSummary:
     macs: float
     params: float
     per_node: dict
+    input_shape: dict = field(default_factory=dict)  # the concrete input shape the MACs are counted at
 
     def to_dict(self) -> dict:
         return {"macs": int(self.macs), "params": int(self.params)}
+
+
+def format_shape(shapes: dict) -> str:
+    """{input: dims} as 'name 1x3x224x224, ids 1x128'."""
+    return ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())
 
 
 def _term_value(term: CostTerm, sizes) -> float:
@@ -152,17 +233,23 @@ def _term_value(term: CostTerm, sizes) -> float:
     return v
 
 
-def model_cost(model: Model) -> CostSummary:
+def model_cost(model: Model, shape: dict | None = None) -> CostSummary:
+    """MACs and parameters at the concrete input shape: `shape` ({input: dims}) where given, the
+    documented defaults (input_shapes) for other dynamic axes."""
     tensors = model.graph.tensors()
+    hints = concrete_shapes(model, shape)
 
     def size(t, ax):
-        s = tensor_shape(tensors[t]) if t in tensors else None
+        s = hints.get(t) or (tensor_shape(tensors[t]) if t in tensors else None)
         return _static(s[ax]) if s is not None and ax < len(s) else 1
 
     per_node = {}
-    hints = spatial_hints(model)
     for node in model.graph.nodes:
         for term in node_cost_terms(node, hints):
             per_node[term.node] = per_node.get(term.node, 0.0) + _term_value(term, size)
     params = sum(_term_value(t, size) for t in param_cost_terms(model))
-    return CostSummary(sum(per_node.values()), params, per_node)
+    try:
+        used = input_shapes(model, shape)
+    except Exception:
+        used = {}
+    return CostSummary(sum(per_node.values()), params, per_node, used)

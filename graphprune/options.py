@@ -13,7 +13,7 @@ import difflib
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable
 
-from .argtypes import int_at_least, number_in
+from .argtypes import int_at_least, number_in, parse_shapes
 from .errors import BadInputError
 
 __all__ = ["PruneOptions", "OptionSpec", "check_ratio", "check_fraction", "add_option_arguments",
@@ -83,6 +83,8 @@ class OptionSpec:
         """The value, checked and converted; a one-line BadInputError naming the option otherwise."""
         if value is None:
             return None
+        if self.kind == "shapes":
+            return parse_shapes(value)
         if self.kind in _FLOAT_CHECKS:
             try:
                 v = float(value)
@@ -153,6 +155,10 @@ class PruneOptions:
     prune_kv_cache: bool = _opt(
         False, "decoders with past/present key-value graph inputs/outputs: allow head pruning, which changes the "
                "cache shapes (reported per input/output); pinned otherwise", kind="flag", commands=(PRUNE, ANALYZE))
+    shape: Any = _opt(
+        None, "input shape MACs are counted at, NAME:DxDx... per input (repeatable; prune takes it from its "
+              "--shape option). Default: static dims as they are, batch 1, dynamic image axes 224, other dynamic "
+              "axes (sequence) 128", kind="shapes", nargs="+", metavar="NAME:DxD...", commands=(ANALYZE,))
     seed: int = _opt(0, "seed for random criteria and synthetic inputs (default: {default})", kind="int",
                      commands=(PRUNE,))
     calib: Any = _opt(
@@ -252,7 +258,7 @@ class PruneOptions:
                    compensate=self.compensate, compensate_damp=self.compensate_damp,
                    compensate_select=self.compensate_select, compensate_residual=self.compensate_residual,
                    compensate_sequential=self.compensate_sequential, compensate_resume=self.compensate_resume,
-                   fidelity=bool(fidelity))
+                   fidelity=bool(fidelity), shape=self.shape)
         if self.stats_memory is not None:
             out["stats_memory"] = self.stats_memory
         return out

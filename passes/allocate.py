@@ -37,7 +37,7 @@ class CostTracker:
         model = ctx.model
         self.sizes = np.array(dg.dim_size, dtype=np.float64)
         self.terms = {"macs": [], "params": []}
-        hints = spatial_hints(model)
+        hints = spatial_hints(model, ctx.option("shape", None))  # the concrete shape MACs are counted at
         terms = {"macs": [t for n in model.graph.nodes for t in node_cost_terms(n, hints)],
                  "params": param_cost_terms(model)}
         tensors = model.graph.tensors()
@@ -48,15 +48,21 @@ class CostTracker:
             for term in lst:
                 coef, dims = term.coef, []
                 for t, ax in term.axes:
-                    shape = tensor_shape(tensors[t]) if t in tensors else None
+                    shape = hints.get(t) or (tensor_shape(tensors[t]) if t in tensors else None)
                     if shape is None:
                         continue
                     ax = ax % len(shape)
                     d = dg.dim_index.get(_dim_key(t, ax))
                     size = shape[ax]
-                    # dynamic axes count as 1, folded ones (dynamic x units) too, as model_cost does
-                    if d is None or dg.dim_opaque[d] or d in getattr(dg, "dim_fold", ()):
-                        coef *= size if isinstance(size, int) and size > 0 else 1
+                    size = size if isinstance(size, int) and size > 0 else 1  # unknown: counted as 1
+                    fold = getattr(dg, "dim_fold", {}).get(d) if d is not None else None
+                    if fold is not None and not dg.dim_opaque[d]:
+                        # a folded axis (dynamic factor x units): the units are tracked, the factor
+                        # is the concrete size over the units (1 where the size is unknown)
+                        coef *= max(size / fold[1], 1.0)
+                        dims.append(d)
+                    elif d is None or dg.dim_opaque[d]:
+                        coef *= size
                     else:
                         dims.append(d)
                 k = len(self.terms[metric])

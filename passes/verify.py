@@ -29,12 +29,14 @@ class VerifyPass(Pass):
                     f"the input model fails onnx.checker too: {str(orig_exc).splitlines()[0]}")
             else:
                 raise exc
-        before, after = model_cost(ctx.original), model_cost(ctx.model)
+        shape = ctx.option("shape", None)
+        before, after = model_cost(ctx.original, shape), model_cost(ctx.model, shape)
         ctx.report.update({
             "macs_before": int(before.macs), "macs_after": int(after.macs),
             "params_before": int(before.params), "params_after": int(after.params),
             "macs_ratio": after.macs / before.macs if before.macs else 1.0,
             "params_ratio": after.params / before.params if before.params else 1.0,
+            "cost_shape": {k: list(v) for k, v in before.input_shape.items()},
         })
         if ctx.option("verify", False):
             from graphprune.runtime import load_verify_inputs

@@ -1,0 +1,153 @@
+"""MACs at a concrete input shape: graphprune's count agrees with onnxruntime's.
+
+Every test prunes to 0.7 of the MACs at a given (or default) input shape and checks the MACs of
+the original and of the pruned model, and so the ratio, against an independent count:
+onnxruntime runs the model at that shape with every Conv/Gemm/MatMul's inputs and outputs
+exposed (tests/_fixtures.ort_macs). Axes that are dynamic in the graph (an image width,
+heads folded into the batch axis, windows folded into it) are then counted at their run-time
+sizes, never as 1.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+import graphprune
+from graphprune.cost import DEFAULT_IMAGE_SIZE, DEFAULT_SEQUENCE
+
+from _fixtures import ort_macs
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def _check_against_ort(path, shape: dict | None, run_shape: dict, target: float = 0.7, **kw):
+    result = graphprune.prune(str(path), target_flops=target, shape=shape, round_to=1, **kw)
+    r = result.report
+    original = onnx.load(str(path))
+    before, after = ort_macs(original, run_shape), ort_macs(result.model, run_shape)
+    assert r["macs_before"] == pytest.approx(before, rel=1e-6), (r["macs_before"], before)
+    assert r["macs_after"] == pytest.approx(after, rel=1e-6), (r["macs_after"], after)
+    assert abs(r["macs_ratio"] - after / before) < 0.005
+    assert target - 0.03 <= after / before <= target + 0.005, after / before
+    assert r["cost_shape"] == {k: list(v) for k, v in run_shape.items()}
+    return result
+
+
+def test_cnn_static_and_batch(tmp_path):
+    from models.export import export_onnx
+
+    path = export_onnx("resnet_basic", tmp_path / "cnn.onnx", dynamo=False)
+    _check_against_ort(path, None, {"input": (1, 3, 32, 32)})
+    # a batch of 4 scales every layer alike: the same ratio, 4x the MACs
+    res = _check_against_ort(path, {"input": (4, 3, 32, 32)}, {"input": (4, 3, 32, 32)})
+    assert res.report["macs_before"] == 4 * ort_macs(onnx.load(str(path)), {"input": (1, 3, 32, 32)})
+
+
+class _Rec(torch.nn.Module):
+    """A text-recognizer-like CNN: height fixed, width dynamic, a per-column classifier (MatMul
+    over the width axis) after the convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.c3 = torch.nn.Conv2d(32, 32, 3, stride=(4, 1), padding=1)
+        self.fc = torch.nn.Linear(32 * 2, 24)
+
+    def forward(self, x):  # [B, 3, 16, W]
+        y = self.c3(F.relu(self.c2(F.relu(self.c1(x)))))  # [B, 32, 2, W/2]
+        y = y.flatten(1, 2).transpose(1, 2)  # [B, W/2, 64]
+        return self.fc(y)
+
+
+def test_dynamic_width_cnn(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "rec.onnx"
+    torch.onnx.export(_Rec().eval(), (torch.randn(1, 3, 16, 40),), str(path), dynamo=False,
+                      input_names=["x"], output_names=["y"], opset_version=17,
+                      dynamic_axes={"x": {0: "batch", 3: "width"}, "y": {0: "batch", 1: "cols"}})
+    assert not onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[3].HasField("dim_value")
+    _check_against_ort(path, {"x": (1, 3, 16, 320)}, {"x": (1, 3, 16, 320)})
+    # default: batch 1, dynamic image axes at DEFAULT_IMAGE_SIZE
+    _check_against_ort(path, None, {"x": (1, 3, 16, DEFAULT_IMAGE_SIZE)})
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_mha_heads_folded_into_batch(tmp_path, dynamo):
+    """nn.MultiheadAttention: q/k/v reshaped to [S, B*H, D]; attention MatMuls run over B*H."""
+    from models.mha import EXAMPLE_SEQ, export_mha_onnx
+
+    path = export_mha_onnx(tmp_path / "mha.onnx", dynamo=dynamo, dynamic_seq=dynamo)
+    seq = DEFAULT_SEQUENCE if dynamo else EXAMPLE_SEQ
+    _check_against_ort(path, None, {"input": (1, seq, 64)})
+    if dynamo:
+        _check_against_ort(path, {"input": (3, 20, 64)}, {"input": (3, 20, 64)})
+
+
+class _Windows(torch.nn.Module):
+    """Swin-style window attention: windows folded into the batch axis ([B*nW, ws*ws, C])."""
+
+    def __init__(self, c=16, heads=2, ws=4):
+        super().__init__()
+        self.c, self.heads, self.ws = c, heads, ws
+        self.qkv, self.proj = torch.nn.Linear(c, 3 * c), torch.nn.Linear(c, c)
+        self.fc1, self.fc2 = torch.nn.Linear(c, 4 * c), torch.nn.Linear(4 * c, c)
+
+    def forward(self, x):  # [B, C, H, W]
+        x = x.permute(0, 2, 3, 1)
+        b, h, w, c = x.shape
+        ws = self.ws
+        t = x.reshape(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+        n = t.shape[0]
+        qkv = self.qkv(t).reshape(n, ws * ws, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        a = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v  # [B*nW, heads, ws*ws, d]
+        t = t + self.proj(a.transpose(1, 2).reshape(n, ws * ws, c))
+        t = t + self.fc2(F.gelu(self.fc1(t)))
+        return t.mean(dim=1)
+
+
+def test_window_attention_folded_into_batch(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "win.onnx"
+    torch.onnx.export(_Windows().eval(), (torch.randn(1, 16, 8, 8),), str(path), dynamo=False,
+                      input_names=["x"], output_names=["y"], opset_version=17,
+                      dynamic_axes={"x": {0: "batch", 2: "h", 3: "w"}, "y": {0: "n"}})
+    _check_against_ort(path, {"x": (1, 16, 32, 32)}, {"x": (1, 16, 32, 32)})
+
+
+def test_bad_shape_is_one_line_error(tmp_path):
+    from models.export import export_onnx
+
+    path = export_onnx("resnet_basic", tmp_path / "cnn.onnx", dynamo=False)
+    for bad, msg in ((["input:1x3x33x32"], "static size 32"), (["input:1x3x32"], "rank 4"),
+                     (["nope:1x3"], "not an input"), (["input:1xax3"], "positive integers")):
+        proc = subprocess.run([sys.executable, "-m", "graphprune", str(path), "--target-flops", "0.7",
+                               "-o", str(tmp_path / "out.onnx"), "--shape", *bad], capture_output=True, text=True)
+        assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "out.onnx").exists()
+
+
+def test_cli_states_the_shape(tmp_path):
+    from models.export import export_onnx
+
+    path = export_onnx("resnet_basic", tmp_path / "cnn.onnx", dynamo=False)
+    proc = subprocess.run([sys.executable, "-m", "graphprune", str(path), "--target-flops", "0.7", "-o",
+                           str(tmp_path / "out.onnx"), "--shape", "input:2x3x32x32", "--report",
+                           str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "at input 2x3x32x32" in proc.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["macs_before"] == ort_macs(onnx.load(str(path)), {"input": (2, 3, 32, 32)})
+    proc = subprocess.run([sys.executable, "-m", "graphprune", "analyze", str(path), "--shape", "input:2x3x32x32",
+                           "--json", str(tmp_path / "a.json")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "(at input 2x3x32x32)" in proc.stdout
+    assert json.loads((tmp_path / "a.json").read_text())["macs"] == report["macs_before"]
+    assert np.isclose(json.loads((tmp_path / "a.json").read_text())["cost_shape"]["input"], [2, 3, 32, 32]).all()
