@@ -198,19 +198,22 @@ def fit_layer(fit: LayerFit, w_kept: np.ndarray, mode: str, damp: float | None =
         theta = np.vstack([w_kept.T, delta[None, :]])
         if fit.with_hessian:
             Aa, Ba = _aug(A, B, s, t, n)
-            return {"weight": w_kept, "delta": delta, "damp": None, "error_before": _error(theta0, Aa, Ba, tt),
-                    "error_after": _error(theta, Aa, Ba, tt), "target_energy": tt}
+            return _checked({"weight": w_kept, "delta": delta, "damp": None,
+                             "error_before": _error(theta0, Aa, Ba, tt), "error_after": _error(theta, Aa, Ba, tt),
+                             "target_energy": tt}, fit, w_kept, theta0, None)
         # the bias alone: the error drops by exactly n·‖δ‖²
-        return {"weight": w_kept, "delta": delta, "damp": None, "error_drop": n * float(delta @ delta),
-                "target_energy": tt}
+        return _checked({"weight": w_kept, "delta": delta, "damp": None, "error_drop": n * float(delta @ delta),
+                         "target_energy": tt}, fit, w_kept, theta0, None)
     Aa, Ba = _aug(A, B, s, t, n)
     scale = _scale(A, n)
     tiny = 1e-10
     ridge = _Ridge(A, B, s, t, n, theta0)
+    auto = damp is None
     if damp is None and select == "cv":
         damp = _cv_damp(fit, theta0, w_kept)
         if damp == np.inf:   # held-out rows say: keep the weights, re-fit the bias only
-            return _bias_only(A, B, s, t, tt, n, w_kept, theta0, "bias only (cv)")
+            return _checked(_bias_only(A, B, s, t, tt, n, w_kept, theta0, "bias only (cv)"), fit, w_kept, theta0,
+                            None)
     if damp is None:  # generalised cross-validation (one eigendecomposition for every λ)
         best = None
         for r in DAMP_GRID:
@@ -224,6 +227,12 @@ def fit_layer(fit: LayerFit, w_kept: np.ndarray, mode: str, damp: float | None =
             if best is None or gcv < best[0] * (1 - 1e-9):
                 best = (gcv, r)
         damp = float(best[1]) if best else 1e-2
+    floor = damp_floor(w_kept.shape[1], n)
+    if auto and damp < floor:
+        # the fewer rows per input feature, the stronger the pull toward the pruned weights; the
+        # weaker choice stays only where it does better on held-out batches (an exact removal)
+        if min(fit.n) == 0 or _heldout_refit_error(fit, theta0, floor) <= _heldout_refit_error(fit, theta0, damp):
+            damp = floor
     theta = ridge.solve(max(damp, tiny) * scale * n)
     before, after = _error(theta0, Aa, Ba, tt), _error(theta, Aa, Ba, tt)
     if not np.all(np.isfinite(theta)) or after > before:
@@ -231,8 +240,83 @@ def fit_layer(fit: LayerFit, w_kept: np.ndarray, mode: str, damp: float | None =
         delta = (t - w_kept @ s) / n
         theta = np.vstack([w_kept.T, delta[None, :]])
         after = _error(theta, Aa, Ba, tt)
-    return {"weight": theta[:-1].T, "delta": theta[-1], "damp": damp, "error_before": max(before, 0.0),
-            "error_after": max(after, 0.0), "target_energy": tt}
+    res = {"weight": theta[:-1].T, "delta": theta[-1], "damp": damp, "error_before": max(before, 0.0),
+           "error_after": max(after, 0.0), "target_energy": tt}
+    return _checked(res, fit, w_kept, theta0, lambda f: _Ridge(fit.A[f], fit.B[f], fit.s[f], fit.t[f], fit.n[f],
+                                                               theta0).solve(max(damp, tiny) * _scale(fit.A[f], fit.n[f])
+                                                                             * fit.n[f]))
+
+
+# rows per input feature under which the dampening gets a floor: damp >= DAMP_FLOOR * K / rows
+DAMP_FLOOR = 0.1
+
+
+def damp_floor(inputs: int, rows: int) -> float:
+    """The least automatic dampening for a layer of `inputs` kept features fitted on `rows` rows:
+    proportional to the inputs-to-rows ratio (at most 1), so a fit with few rows per weight is
+    held near the pruned weights while a well-determined one is not."""
+    return min(1.0, DAMP_FLOOR * inputs / max(rows, 1))
+
+
+def _heldout_refit_error(fit: LayerFit, theta0, damp: float) -> float:
+    """Error on each fold of the re-fit (at `damp`) on the other fold, summed."""
+    err = 0.0
+    for f in (0, 1):
+        th = _Ridge(fit.A[f], fit.B[f], fit.s[f], fit.t[f], fit.n[f], theta0).solve(
+            max(damp, 1e-10) * _scale(fit.A[f], fit.n[f]) * fit.n[f])
+        err += _fold_error(th, fit, 1 - f) if np.all(np.isfinite(th)) else np.inf
+    return err
+
+
+def _fold_error(theta, fit: LayerFit, g: int) -> float:
+    Aa, Ba = _aug(fit.A[g], fit.B[g], fit.s[g], fit.t[g], fit.n[g])
+    return _error(theta, Aa, Ba, fit.tt[g])
+
+
+def _checked(res: dict, fit: LayerFit, w_kept, theta0, refit) -> dict:
+    """Keep a re-fit only if it helps on samples it was not fitted on: each fold's fit (`refit(f)`,
+    the same method on fold f's statistics alone) is scored on the other fold against the pruned
+    weights (and, for a weight re-fit, against the bias-only re-fit). A re-fit that does not
+    lower the held-out error falls back to the bias alone, or to the pruned weights unchanged.
+    With one fold empty (a single calibration batch) there is nothing to check on: kept as is."""
+    res["heldout_check"] = "one calibration batch: not checked"
+    if min(fit.n) == 0:
+        return res
+    err0 = err_fit = err_bias = 0.0
+    for f in (0, 1):
+        g = 1 - f
+        delta = (fit.t[f] - w_kept @ fit.s[f]) / fit.n[f]
+        bias_theta = np.vstack([w_kept.T, delta[None, :]])
+        if fit.with_hessian:
+            err0 += _fold_error(theta0, fit, g)
+            err_bias += _fold_error(bias_theta, fit, g)
+            th = refit(f) if refit is not None else bias_theta
+            err_fit += _fold_error(th, fit, g) if np.all(np.isfinite(th)) else np.inf
+        else:  # the bias alone: ‖r − δ‖² summed over fold g's rows, r the uncompensated residual
+            r = fit.t[g] - w_kept @ fit.s[g]
+            err_bias += -2.0 * float(delta @ r) + fit.n[g] * float(delta @ delta)
+    if not fit.with_hessian:
+        err_fit = err_bias
+    res["heldout_error_pruned"], res["heldout_error_refit"] = float(err0), float(err_fit)
+    weights_changed = not np.array_equal(res["weight"], w_kept)
+    if weights_changed and err_fit < min(err0, err_bias):
+        res["heldout_check"] = "weights and bias re-fitted"
+    elif err_bias < err0:
+        A, B, s, t, tt, n = fit.total()
+        delta = (t - w_kept @ s) / n
+        res.update(weight=w_kept, delta=delta, heldout_check="bias only (the weight re-fit did not help on held-out "
+                   "batches)" if weights_changed else "bias re-fitted")
+        if fit.with_hessian and "error_after" in res:
+            Aa, Ba = _aug(A, B, s, t, n)
+            res["error_after"] = max(_error(np.vstack([w_kept.T, delta[None, :]]), Aa, Ba, tt), 0.0)
+    else:
+        res.update(weight=w_kept, delta=np.zeros(w_kept.shape[0]),
+                   heldout_check="kept the pruned weights (no re-fit helped on held-out batches)")
+        if "error_after" in res:
+            res["error_after"] = res["error_before"]
+        if "error_drop" in res:
+            res["error_drop"] = 0.0
+    return res
 
 
 # --------------------------------------------------------------------------- graph edits
@@ -500,13 +584,18 @@ class CompensatePass(Pass):
             fit = fits.pop(j["key"])
             res = fit_layer(fit, j["w_pr"], mode, damp, select)
             w_t = tensors[j["key"][0]]
+            if not np.any(res["delta"]) and res["weight"] is j["w_pr"]:
+                report["layers"].append({"node": j["pr"].node, "weight": j["key"][0], "damp": res["damp"],
+                                         "kept_inputs": int(j["w_pr"].shape[1]), "unchanged": True,
+                                         "heldout_check": res["heldout_check"]})
+                continue
             if mode == "obs":
                 w_t.values = j["pr"].from_weight_matrix(res["weight"], np.asarray(w_t.values))
                 w_t.data_location = None
             where = _add_bias(graph, nodes[j["pr"].node], j["pr"], res["delta"], j["dtype"])
             entry = {"node": j["pr"].node, "weight": j["key"][0], "kept_inputs": int(j["w_pr"].shape[1]),
                      "removed_inputs": int(j["w_ref"].shape[1] - j["w_pr"].shape[1]), "bias": where,
-                     "damp": res["damp"]}
+                     "damp": res["damp"], "heldout_check": res.get("heldout_check")}
             if j.get("skip"):
                 entry["residual"] = j["skip"][0]
             energy = res["target_energy"]

@@ -154,7 +154,8 @@ def test_cv_refuses_a_fit_that_does_not_generalise():
     """Per sample, the removed feature equals a sample-specific mix of the kept ones: every
     fold fits its own samples perfectly but the mix learnt on one fold is wrong on the other.
     GCV, which treats the rows as independent, trusts the fit; cross-validation over batches
-    sees it fail on held-out samples and keeps the weights (bias re-fit only)."""
+    sees it fail on held-out samples and keeps the weights (bias re-fit only). The held-out check
+    every re-fit gets then refuses GCV's weight fit too."""
     rng = np.random.default_rng(7)
     k, o = 4, 2
     w = rng.standard_normal((o, k + 1))
@@ -169,8 +170,10 @@ def test_cv_refuses_a_fit_that_does_not_generalise():
     cv = fit_layer(fit, w[:, :k], "obs", select="cv")
     assert gcv["damp"] <= 0.1                                  # rows look plentiful to GCV
     assert cv["damp"] == "bias only (cv)" or cv["damp"] >= 100 * max(gcv["damp"], 1e-4)
-    assert np.abs(cv["weight"] - w[:, :k]).max() < 0.8 * np.abs(gcv["weight"] - w[:, :k]).max()
-    # on a fresh sample the cross-validated choice is the better one
+    assert np.abs(cv["weight"] - w[:, :k]).max() == 0
+    assert not gcv["heldout_check"].startswith("weights"), gcv["heldout_check"]   # refused on held-out batches
+    assert gcv["heldout_error_refit"] > gcv["heldout_error_pruned"]
+    # on a fresh sample the checked choices beat the unchecked GCV fit
     fresh = _fold_fit(rng, rows, k, o, batches=16)
     A, B, s, t, tt, n = fresh.total()
     from graphprune.passes.compensate import _aug, _error
@@ -180,7 +183,12 @@ def test_cv_refuses_a_fit_that_does_not_generalise():
     def err(res):
         return _error(np.vstack([res["weight"].T, res["delta"][None, :]]), Aa, Ba, tt)
 
-    assert err(cv) < err(gcv)
+    from graphprune.passes.compensate import _Ridge, _scale
+
+    A0, B0, s0, t0, _, n0 = fit.total()   # GCV's weight fit as it was before the check
+    theta0 = np.vstack([w[:, :k].T, np.zeros((1, o))])
+    unchecked = _Ridge(A0, B0, s0, t0, n0, theta0).solve(max(gcv["damp"], 1e-10) * _scale(A0, n0) * n0)
+    assert err(cv) <= err(gcv) + 1e-9 < _error(unchecked, Aa, Ba, tt)
 
 
 def _residual_model(rng):
@@ -215,14 +223,14 @@ def test_residual_compensation_absorbs_the_skip_error():
 
     rng = np.random.default_rng(8)
     model = _residual_model(rng)
-    x = rng.standard_normal((96, 4)).astype(np.float32)
-    ref = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x[:64]})[0]
+    x = rng.standard_normal((448, 4)).astype(np.float32)   # rows enough for fits that hold on held-out batches
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x[:384]})[0]
     errs, layers = {}, {}
     for residual in (False, True):
         r = graphprune.prune(model, target_flops=0.86, criterion="test-last-lowest", round_to=1, calib=x,
-                             calib_samples=64, compensate="obs", compensate_damp=0.0, compensate_residual=residual)
+                             calib_samples=384, compensate="obs", compensate_damp=0.0, compensate_residual=residual)
         assert [g["removed"] for g in r.report["groups"] if g["removed"]] == [[7], [5]]
-        y = ort.InferenceSession(r.model.SerializeToString()).run(None, {"x": x[:64]})[0]
+        y = ort.InferenceSession(r.model.SerializeToString()).run(None, {"x": x[:384]})[0]
         errs[residual] = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
         layers[residual] = {entry["node"]: entry for entry in r.report["compensation"]["layers"]}
     assert errs[True] < 0.9 * errs[False]
