@@ -21,21 +21,22 @@ __all__ = ["prune", "analyze", "PruneResult", "AnalysisResult", "default_pipelin
 
 def default_pipeline() -> PassManager:
     """normalize -> analyze -> score -> allocate -> rewrite -> cleanup -> verify
-    -> fidelity-uncompensated -> compensate -> fidelity.
+    -> fidelity-uncompensated -> compensate -> fidelity -> compensation-guard (the uncompensated
+    model is kept if compensation lowered held-out fidelity).
 
     verify (and its mask-equivalence oracle) checks the rewrite before compensation, the
     only point where the oracle holds; compensation and the fidelity passes do nothing
     unless asked (`compensate`, `fidelity`, or calibration data).
     """
     from .fidelity import FidelityPass
-    from .passes import (AllocatePass, AnalyzePass, CompensatePass, DeadNodeCleanupPass, NormalizePass,
-                         RewritePass, ScorePass, VerifyPass)
+    from .passes import (AllocatePass, AnalyzePass, CompensatePass, CompensationGuardPass, DeadNodeCleanupPass,
+                         NormalizePass, RewritePass, ScorePass, VerifyPass)
     from .passes.uniform_heads import UniformHeadsPass
 
     return PassManager([NormalizePass(), AnalyzePass(), ScorePass(), AllocatePass(), UniformHeadsPass(),
                         RewritePass(),
                         DeadNodeCleanupPass(), VerifyPass(), FidelityPass("uncompensated", "fidelity-uncompensated"),
-                        CompensatePass(), FidelityPass("final", "fidelity")])
+                        CompensatePass(), FidelityPass("final", "fidelity"), CompensationGuardPass()])
 
 
 def analysis_pipeline() -> PassManager:

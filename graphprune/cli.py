@@ -202,8 +202,10 @@ def _run_prune(args) -> int:
         if "compensation" in r:
             c = r["compensation"]
             skipped = f", {len(c['skipped'])} skipped" if c["skipped"] else ""
-            print(f"compensate  {c['mode']}: {len(c['layers'])} layers re-fitted in {c.get('waves', 0)} "
-                  f"passes{skipped}")
+            refit = sum(1 for e in c["layers"] if not e.get("unchanged"))
+            kept = f"; kept the {c['kept']} model: {c['kept_why']}" if "kept" in c else ""
+            print(f"compensate  {c['mode']}: {refit} of {len(c['layers'])} layers re-fitted in {c.get('waves', 0)} "
+                  f"passes{skipped}{kept}")
         if "latency" in r:
             lat = r["latency"]
             print(f"latency {lat['original_ms']:.3f} -> {lat['pruned_ms']:.3f} ms  ({lat['measured_ratio']:.3f}, "
@@ -233,7 +235,10 @@ def _fidelity_line(f: dict) -> str:
             parts.append(f"{label} {after[key]:{fmt}}")
     src = "synthetic" if f.get("data") == "synthetic" else "held-out"
     tail = " (before -> after compensation)" if before else ""
-    return f"fidelity  {f.get('heldout_samples', 0)} {src} samples: {', '.join(parts)}{tail}"
+    kinds = "; ".join(f"{name}: {m['kind']} ({m['why']}), judged by {m['metric']}"
+                      for name, m in after.get("outputs", {}).items() if "kind" in m)
+    return (f"fidelity  {f.get('heldout_samples', 0)} {src} samples: {', '.join(parts)}{tail}"
+            + (f"\n          {kinds}" if kinds else ""))
 
 
 def _run_analyze(argv) -> int:

@@ -1,10 +1,13 @@
 """Output fidelity of a pruned model against the original on held-out samples.
 
-Per output: relative error ‖y − ŷ‖ / ‖y‖ over all held-out samples, the mean per-sample
-cosine similarity, and for classifier-like outputs ([batch, classes], classes > 1) the
-top-1 agreement with the original (and, with 5 classes or more, top-5 agreement: the
-original's top-1 class is among the candidate's five highest). The original's outputs
-are computed once per run.
+Per output: relative error ‖y − ŷ‖ / ‖y‖ over all held-out samples and the mean per-sample
+cosine similarity; for class scores only, the top-1 agreement with the original (and, with 5
+classes or more, top-5 agreement: the original's top-1 class is among the candidate's five
+highest). Each output gets a kind (:func:`output_kind`) and its headline metric: class scores
+(a [batch, classes] output of a Softmax/Sigmoid or of a linear head) are judged by top-1
+agreement; embeddings (pooled or normalised features, or an output named like one) and hidden
+states (rank 3 and more) by cosine, relative error beside it. The original's outputs are
+computed once per run.
 """
 from __future__ import annotations
 
@@ -14,7 +17,62 @@ import onnx
 from .activations import run_batches
 from .pipeline import Pass, PassResult
 
-__all__ = ["measure_fidelity", "FidelityPass", "summarize"]
+__all__ = ["measure_fidelity", "FidelityPass", "summarize", "output_kind", "is_worse"]
+
+# ops that only move or relabel values: looked through to find what computed an output
+_PASSTHROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose", "Dropout"}
+_SCORES = {"Softmax": "Softmax probabilities", "LogSoftmax": "LogSoftmax scores", "Sigmoid": "Sigmoid scores"}
+_LINEAR = {"Gemm", "MatMul", "Add", "MatMulInteger", "MatMulNBits"}
+_POOLED = {"ReduceMean", "ReduceSum", "ReduceMax", "GlobalAveragePool", "GlobalMaxPool", "LpNormalization", "Div",
+           "ReduceL2", "Tanh", "Mul", "Sqrt"}
+_EMBEDDING_NAMES = ("embed", "hidden", "feature", "pool", "encod", "vector", "token", "state", "present", "past")
+
+
+def output_kind(model: onnx.ModelProto, name: str, shape: tuple) -> tuple[str, str]:
+    """(kind, why) of graph output `name` with run-time `shape`: kind "class scores",
+    "embedding" or "hidden states"; why names the evidence (the producing op or the name)."""
+    if len(shape) >= 3:
+        return "hidden states", f"rank {len(shape)}"
+    if len(shape) != 2 or shape[1] <= 1:
+        return "embedding", f"shape {list(shape)}: no class axis"
+    low = name.lower()
+    hint = next((h for h in _EMBEDDING_NAMES if h in low), None)
+    if hint and not any(k in low for k in ("logit", "prob", "score", "class")):
+        return "embedding", f"named {name!r}"
+    producer = {o: n for n in model.graph.node for o in n.output}
+    t, node = name, None
+    for _ in range(16):
+        node = producer.get(t)
+        if node is None or node.op_type not in _PASSTHROUGH:
+            break
+        t = node.input[0]
+    if node is None:
+        return "class scores", "a [batch, classes] output"
+    if node.op_type in _SCORES:
+        return "class scores", _SCORES[node.op_type]
+    if node.op_type in _LINEAR:
+        return "class scores", f"a [batch, classes] output of a linear head ({node.op_type})"
+    if node.op_type in _POOLED:
+        return "embedding", f"pooled or normalised features ({node.op_type})"
+    return "class scores", f"a [batch, classes] output ({node.op_type})"
+
+
+def is_worse(after: dict, before: dict, top1_margin: float = 0.05) -> str | None:
+    """Why `after` (a measure_fidelity result) is less faithful than `before`, per output: a higher
+    relative error or a lower cosine, or for class scores a top-1 agreement lower by more than
+    `top1_margin` (one flipped sample among a few tens is noise, not a loss); None when no output
+    got worse."""
+    for name, b in before.get("outputs", {}).items():
+        a = after.get("outputs", {}).get(name)
+        if a is None or "rel_err" not in a or "rel_err" not in b:
+            continue
+        if a["rel_err"] > b["rel_err"] * (1 + 1e-6) + 1e-12:
+            return f"{name}: rel err {b['rel_err']:.4f} -> {a['rel_err']:.4f}"
+        if a["cosine"] < b["cosine"] - 1e-6:
+            return f"{name}: cosine {b['cosine']:.4f} -> {a['cosine']:.4f}"
+        if "top1_agreement" in a and "top1_agreement" in b and a["top1_agreement"] < b["top1_agreement"] - top1_margin:
+            return f"{name}: top-1 agreement {b['top1_agreement']:.3f} -> {a['top1_agreement']:.3f}"
+    return None
 
 
 def _outputs(model: onnx.ModelProto) -> list[str]:
@@ -41,7 +99,8 @@ def measure_fidelity(reference: "onnx.ModelProto | dict", candidate: onnx.ModelP
             continue
         num = den = 0.0
         cos, agree, agree5, total = [], 0, 0, 0
-        classifier = True
+        kind, why = output_kind(candidate, name, np.shape(ys[0]) if ys else ())
+        classifier = kind == "class scores"
         for y, yh in zip(ys, got[name]):
             y, yh = np.asarray(y, np.float64), np.asarray(yh, np.float64)
             if y.shape != yh.shape:
@@ -62,7 +121,8 @@ def measure_fidelity(reference: "onnx.ModelProto | dict", candidate: onnx.ModelP
                 total += y.shape[0]
         else:
             m = {"rel_err": float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num)),
-                 "cosine": float(np.mean(cos)) if cos else 1.0, "samples": len(cos)}
+                 "cosine": float(np.mean(cos)) if cos else 1.0, "samples": len(cos), "kind": kind,
+                 "metric": "top-1 agreement" if classifier and total else "cosine", "why": why}
             if classifier and total:
                 m["top1_agreement"] = agree / total
                 if ys[0].shape[1] >= 5:

@@ -5,7 +5,7 @@ from . import criteria_data  # noqa: F401  (registers bn-scale, wanda, flap, obs
 from .allocate import AllocatePass, PrunePlan
 from .analyze import AnalyzePass
 from .cleanup import DeadNodeCleanupPass
-from .compensate import COMPENSATE_MODES, CompensatePass
+from .compensate import COMPENSATE_MODES, CompensatePass, CompensationGuardPass
 from .criteria import CRITERIA, criterion_names, register_criterion
 from .normalize import NormalizePass
 from .rewrite import RewritePass
@@ -13,5 +13,5 @@ from .score import ScoreContext, ScorePass
 from .verify import VerifyPass
 
 __all__ = ["NormalizePass", "AnalyzePass", "ScorePass", "ScoreContext", "AllocatePass", "RewritePass",
-           "DeadNodeCleanupPass", "VerifyPass", "CompensatePass", "COMPENSATE_MODES", "PrunePlan",
+           "DeadNodeCleanupPass", "VerifyPass", "CompensatePass", "CompensationGuardPass", "COMPENSATE_MODES", "PrunePlan",
            "register_criterion", "criterion_names", "CRITERIA"]

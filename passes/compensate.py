@@ -42,7 +42,7 @@ from graphprune.pipeline import Pass, PassResult, PruneContext
 
 from .rewrite import kept_indices
 
-__all__ = ["CompensatePass", "COMPENSATE_MODES", "LayerFit", "fit_layer", "DAMP_GRID"]
+__all__ = ["CompensatePass", "CompensationGuardPass", "COMPENSATE_MODES", "damp_floor", "LayerFit", "fit_layer", "DAMP_GRID"]
 
 COMPENSATE_MODES = ("none", "bias", "obs")
 DAMP_GRID = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
@@ -468,6 +468,7 @@ class CompensatePass(Pass):
         if not keys:
             ctx.report["compensation"] = report
             return PassResult(info={"layers": 0})
+        ctx.options["_uncompensated_model"] = ctx.model.copy()  # for CompensationGuardPass (weights shared)
         ref = _reference_model(ctx)
         ref_views = find_views(ref, keys)
         pr_views = find_views(ctx.model, keys)
@@ -593,7 +594,8 @@ class CompensatePass(Pass):
                 w_t.values = j["pr"].from_weight_matrix(res["weight"], np.asarray(w_t.values))
                 w_t.data_location = None
             where = _add_bias(graph, nodes[j["pr"].node], j["pr"], res["delta"], j["dtype"])
-            entry = {"node": j["pr"].node, "weight": j["key"][0], "kept_inputs": int(j["w_pr"].shape[1]),
+            entry = {k: res[k] for k in ("heldout_error_pruned", "heldout_error_refit") if k in res}
+            entry |= {"node": j["pr"].node, "weight": j["key"][0], "kept_inputs": int(j["w_pr"].shape[1]),
                      "removed_inputs": int(j["w_ref"].shape[1] - j["w_pr"].shape[1]), "bias": where,
                      "damp": res["damp"], "heldout_check": res.get("heldout_check")}
             if j.get("skip"):
@@ -605,3 +607,36 @@ class CompensatePass(Pass):
             report["layers"].append(entry)
         graph.toposort()
         return held
+
+
+class CompensationGuardPass(Pass):
+    """After the final fidelity pass: if compensation made the model less faithful on the held-out
+    calibration samples (none of which it was fitted on; see fidelity.is_worse), the uncompensated
+    model is written instead. ``report["compensation"]["kept"]`` says which, and why."""
+
+    name = "compensation-guard"
+
+    def call(self, ctx: PruneContext) -> PassResult:
+        saved = ctx.options.pop("_uncompensated_model", None)
+        comp = ctx.report.get("compensation")
+        if saved is None or comp is None:
+            return PassResult()
+        from graphprune.fidelity import is_worse
+
+        fid = ctx.report.get("fidelity", {})
+        before, after = fid.get("before_compensation"), fid.get("after_compensation")
+        if before is None or after is None:
+            comp["kept"], comp["kept_why"] = "compensated", "not checked (no held-out fidelity measured)"
+            return PassResult()
+        worse = is_worse(after, before)
+        if worse is None:
+            comp["kept"], comp["kept_why"] = "compensated", "held-out fidelity not lower"
+            return PassResult()
+        ctx.model = saved
+        comp["kept"], comp["kept_why"] = "uncompensated", f"compensation lowered held-out fidelity ({worse})"
+        fid["final"] = "before_compensation"
+        after_cost = model_cost(ctx.model)
+        ctx.report["params_after"] = int(after_cost.params)
+        if ctx.report.get("params_before"):
+            ctx.report["params_ratio"] = after_cost.params / ctx.report["params_before"]
+        return PassResult(modified=True, info={"kept": "uncompensated"})

@@ -236,3 +236,71 @@ def test_residual_compensation_absorbs_the_skip_error():
     assert errs[True] < 0.9 * errs[False]
     assert layers[True]["fcb"]["rel_err_after"] == pytest.approx(layers[False]["fcb"]["rel_err_after"])
     assert layers[True]["fcd"].get("residual") == "b" and "residual" not in layers[True]["fcb"]
+
+
+def _overfit_case():
+    """A 24 -> 48 -> 32 MLP, half the hidden units removed: fc2 is re-fitted on 24 inputs with
+    only 10 calibration rows, where plain least squares over-fits (more weights than rows)."""
+    rng = np.random.default_rng(11)
+    w1 = (rng.standard_normal((24, 48)) / 5).astype(np.float32)
+    w2 = (rng.standard_normal((48, 32)) / 7).astype(np.float32)
+    from tests._accuracy_models import mlp
+
+    model = mlp(w1, w2, relu=True)
+    x = rng.standard_normal((18, 24)).astype(np.float32)       # 10 calibrate, 8 held out
+    fresh = rng.standard_normal((400, 24)).astype(np.float32)  # neither calibrates nor decides
+    return model, x, fresh
+
+
+def _fresh_error(model, fresh, ref) -> float:
+    import onnxruntime as ort
+
+    y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": fresh})[0]
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("batch", [32, 2], ids=["one-batch-guard", "per-layer-check"])
+def test_compensation_never_worse_than_uncompensated_on_fresh_data(batch):
+    """Naive least squares (damp 0) on 10 rows for 24 weights per output over-fits. In one
+    calibration batch no layer can be checked on held-out batches, so the whole-model guard sees
+    held-out fidelity drop and writes the uncompensated model; over several batches the per-layer
+    check keeps a weight re-fit only where it helps held out. Either way the written model is at least as good as the
+    uncompensated one on 400 fresh samples, and the report says which model was kept."""
+    import onnxruntime as ort
+
+    model, x, fresh = _overfit_case()
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, {"x": fresh})[0]
+    kw = dict(target_flops=0.5, round_to=1, calib=x, calib_samples=10, calib_heldout=8, calib_batch_size=batch)
+    plain = graphprune.prune(model, compensate="none", **kw)
+    comp = graphprune.prune(model, compensate="obs", compensate_damp=0.0, **kw)
+    assert comp.report["groups"][0]["removed"] == plain.report["groups"][0]["removed"]
+    c, fid = comp.report["compensation"], comp.report["fidelity"]
+    assert c["kept"] in ("compensated", "uncompensated") and c["kept_why"]
+    e_plain, e_comp = _fresh_error(plain.model, fresh, ref), _fresh_error(comp.model, fresh, ref)
+    assert e_comp <= e_plain * (1 + 1e-6), (e_comp, e_plain, c)
+    if batch == 32:
+        assert c["layers"][0]["heldout_check"].startswith("one calibration batch")
+        assert fid["after_compensation"]["rel_err"] > fid["before_compensation"]["rel_err"]   # it did over-fit
+        assert c["kept"] == "uncompensated" and fid["final"] == "before_compensation"
+        assert e_comp == pytest.approx(e_plain, rel=1e-6)
+    else:
+        layer = c["layers"][0]
+        if layer["heldout_check"].startswith("weights"):   # kept only because it helped held out
+            assert layer["heldout_error_refit"] < layer["heldout_error_pruned"]
+
+
+def test_cli_says_which_model_was_kept(tmp_path, capsys):
+    from graphprune.cli import main
+
+    model, x, _ = _overfit_case()
+    import onnx
+
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "calib.npy", x)
+    rc = main([str(tmp_path / "m.onnx"), "--target-flops", "0.5", "--round-to", "1", "--calib",
+               str(tmp_path / "calib.npy"), "--calib-samples", "10", "--compensate", "obs", "-o",
+               str(tmp_path / "out.onnx")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    line = next(l for l in out.splitlines() if l.startswith("compensate"))
+    assert "kept the compensated model" in line or "kept the uncompensated model" in line, out

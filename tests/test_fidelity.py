@@ -94,3 +94,32 @@ def _const_model(values):
     node = helper.make_node("Identity", ["c"], ["y"])
     g = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, values.shape)], [c])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_metric_fits_each_output():
+    """Two outputs of one model: a Softmax over a linear head (class scores: top-1 agreement)
+    and a mean-pooled [batch, features] embedding (cosine, no top-1), each judged by its own
+    metric; a rank-3 hidden state likewise gets cosine. The CLI line names kind and metric."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphprune.cli import _fidelity_line
+
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((6, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),                       # [N, T, 8] hidden states
+             helper.make_node("ReduceMean", ["h"], ["emb"], axes=[1], keepdims=0),  # [N, 8] embedding
+             helper.make_node("Softmax", ["emb"], ["probs"], axis=-1)]             # [N, 8] class scores
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 6])],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("probs", "emb", "h")],
+                          [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    batches = [{"x": rng.standard_normal((12, 5, 6)).astype(np.float32)}]
+    m = measure_fidelity(model, model, batches)["outputs"]
+    assert (m["probs"]["kind"], m["probs"]["metric"]) == ("class scores", "top-1 agreement")
+    assert "Softmax" in m["probs"]["why"] and m["probs"]["top1_agreement"] == 1.0
+    assert (m["emb"]["kind"], m["emb"]["metric"]) == ("embedding", "cosine") and "top1_agreement" not in m["emb"]
+    assert "ReduceMean" in m["emb"]["why"]
+    assert (m["h"]["kind"], m["h"]["metric"]) == ("hidden states", "cosine") and "top1_agreement" not in m["h"]
+    line = _fidelity_line({"heldout_samples": 12, "pruned": measure_fidelity(model, model, batches)})
+    assert "emb: embedding (pooled or normalised features (ReduceMean)), judged by cosine" in line
+    assert "probs: class scores (Softmax probabilities), judged by top-1 agreement" in line
