@@ -48,6 +48,12 @@ def _compensate_modes() -> tuple:
     return COMPENSATE_MODES
 
 
+def _damp_selections() -> tuple:
+    from .passes.compensate import DAMP_SELECT  # gcv, cv: the compensation pass owns how it chooses
+
+    return DAMP_SELECT
+
+
 @dataclass(frozen=True)
 class OptionSpec:
     """How one option is checked and shown on the command line.
@@ -177,7 +183,7 @@ class PruneOptions:
     compensate_select: str = option(
         "gcv", "how --compensate obs chooses each layer's dampening: gcv (generalised cross-validation over rows, "
                "default) or cv (2-fold cross-validation over calibration batches; also may keep the weights and "
-               "re-fit the bias only; safer when rows of one sample are correlated)", choices=("gcv", "cv"),
+               "re-fit the bias only; safer when rows of one sample are correlated)", choices=_damp_selections,
         commands=(PRUNE,), group=_CALIB)
     compensate_residual: bool = option(
         False, "--compensate obs: a layer whose output goes straight into a residual Add is fitted so the sum "
