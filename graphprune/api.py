@@ -11,7 +11,7 @@ from .cost import model_cost
 from .errors import BadInputError
 from .graph import Model
 from .kv_cache import cache_io, cache_shapes
-from .model_io import restore_io_symbols, save_model
+from .model_io import release_run_copies, restore_io_symbols, save_model
 from .oprules import OpRuleRegistry, default_registry
 from .options import PruneOptions, policy_from
 from .pipeline import PassManager, Progress, PruneContext
@@ -130,7 +130,10 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
         ctx.report["calibration"] = ctx.options["calibration"].describe()
     elif o.calib_preprocess is not None:
         raise BadInputError("calib_preprocess needs calib (a folder of images)")
-    (pipeline or default_pipeline()).run(ctx)
+    try:
+        (pipeline or default_pipeline()).run(ctx)
+    finally:
+        release_run_copies()  # the scratch copies big models were run from
     ctx.report["prune_seconds"] = time.perf_counter() - t0
     ctx.report["timings"] = dict(ctx.timings)
     ctx.report["groups"] = _group_report(ctx)

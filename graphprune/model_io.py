@@ -20,7 +20,7 @@ from .external_data import (ALIGN, TWO_GB, all_tensors, expected_bytes, external
                             read_array, resolve_external_data, uses_external_data, weight_bytes)
 
 __all__ = ["ModelMeta", "list_initializers_as_inputs", "load_model", "restore_io_symbols", "save_model",
-           "materialize", "uses_external_data", "without_weights", "check_model", "session_payload", "weight_bytes",
+           "materialize", "uses_external_data", "without_weights", "check_model", "session_payload", "release_run_copies", "weight_bytes",
            "SUPPORTED_OPSETS", "TWO_GB"]
 
 _LIGHT_BYTES = 4096
@@ -270,20 +270,76 @@ def check_model(model: "onnx.ModelProto | str | os.PathLike", full_check: bool =
         onnx.checker.check_model(os.fspath(model), full_check=full_check)
 
 
+class _RunCopies:
+    """Where onnxruntime reads big models from: one scratch folder holding one data file that
+    every tensor is copied into once (keyed by its source file, offset and length), and a small
+    graph file per model. Repeated sessions over the same weights (calibration statistics,
+    Hessian chunks, the oracle's masked original and pruned model) then cost a graph write,
+    not a copy of the model. :func:`release_run_copies` empties it (the end of a prune)."""
+
+    def __init__(self) -> None:
+        self.dir: tempfile.TemporaryDirectory | None = None
+        self.index: dict = {}
+        self.count = 0
+
+    def graph_path(self, model: onnx.ModelProto) -> str:
+        if self.dir is None:
+            self.dir = tempfile.TemporaryDirectory(prefix="graphprune-run-")
+        folder = Path(self.dir.name)
+        data = folder / "weights.data"
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        try:
+            with open(data, "ab") as out:
+                for t in all_tensors(work):
+                    if not external_data_helper.uses_external_data(t):
+                        continue
+                    loc, offset, length = external_info(t)
+                    key = (loc, offset, length)
+                    if key not in self.index:
+                        pad = (-out.tell()) % ALIGN
+                        out.write(b"\0" * pad)
+                        self.index[key] = out.tell()
+                        _copy_range(loc, offset, length, out, None)
+                    del t.external_data[:]
+                    for k, v in (("location", data.name), ("offset", self.index[key]), ("length", length)):
+                        e = t.external_data.add()
+                        e.key, e.value = k, str(v)
+        except OSError as exc:
+            raise BadInputError(f"cannot write a scratch copy to run the model in {folder.parent}: "
+                                f"{exc.strerror or exc} (set TMPDIR to a folder with space)") from None
+        self.count += 1
+        path = folder / f"model{self.count}.onnx"
+        path.write_bytes(work.SerializeToString())
+        return str(path)
+
+    def release(self) -> None:
+        if self.dir is not None:
+            self.dir.cleanup()
+        self.dir, self.index = None, {}
+
+
+_RUN_COPIES = _RunCopies()
+
+
+def release_run_copies() -> None:
+    """Remove the scratch copies big models were run from (see :func:`session_payload`)."""
+    _RUN_COPIES.release()
+
+
 def session_payload(model: onnx.ModelProto):
     """What onnxruntime should load for `model`: its bytes, or for a big model with external
-    weights a path to a scratch copy written tensor by tensor (onnxruntime maps a file's
-    weights itself; handing it memory-mapped arrays instead makes it copy them), with the
-    TemporaryDirectory that must outlive the session."""
+    weights the path of a graph beside a scratch copy of its weights (onnxruntime then reads
+    the file itself; handing it memory-mapped arrays makes it copy them, and it refuses data
+    outside the graph's folder or behind a symlink). The second item must outlive the session
+    (None here: the copies live until :func:`release_run_copies`)."""
     if not uses_external_data(model):
         return model.SerializeToString(), None
     if not is_big(model):
         work = onnx.ModelProto()
         work.CopyFrom(model)
         return materialize(work).SerializeToString(), None
-    tmp = tempfile.TemporaryDirectory(prefix="graphprune-run-")
-    path = save_model(model, Path(tmp.name) / "model.onnx", external_data=True)
-    return str(path), tmp
+    return _RUN_COPIES.graph_path(model), None
 
 
 def _bar(progress: bool, total: int, desc: str):
@@ -319,7 +375,7 @@ def _stale_data_files(path: Path, keep: set) -> list[Path]:
     that the graph now at `path` references; removed once a new pair replaces it."""
     pattern = re.compile(re.escape(path.name) + r"(\.[0-9a-f]{8})?\.data")
     try:
-        if not path.is_file() or path.is_symlink():
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 28:
             return []
         old = onnx.load(str(path), load_external_data=False)
     except Exception:
@@ -370,9 +426,9 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
         os.close(fd)
         temps.append(tmp)
         os.chmod(tmp, 0o666 & ~umask)
+        stale = _stale_data_files(path, {os.path.realpath(external_info(t)[0]) for t in all_tensors(model)
+                                         if external_data_helper.uses_external_data(t)})
         if external_data:
-            stale = _stale_data_files(path, {os.path.realpath(external_info(t)[0]) for t in all_tensors(model)
-                                             if external_data_helper.uses_external_data(t)})
             data_name = f"{path.name}.{secrets.token_hex(4)}.data"
             while (path.parent / data_name).exists():
                 data_name = f"{path.name}.{secrets.token_hex(4)}.data"
@@ -397,9 +453,6 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
                 onnx.checker.check_model(tmp, full_check=True)
             os.replace(tmp, path)  # graph and data now visible together
             published.clear()
-            for f in stale:
-                with contextlib.suppress(OSError):
-                    f.unlink()
         else:
             if uses_external_data(model):
                 work = onnx.ModelProto()
@@ -411,6 +464,9 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
                 f.write(model.SerializeToString(deterministic=True))
             os.replace(tmp, path)
         temps.remove(tmp)
+        for f in stale:  # the data file of the graph just replaced
+            with contextlib.suppress(OSError):
+                f.unlink()
     except MemoryError:
         raise BadInputError(f"cannot write {path}: out of memory") from None
     except OSError as exc:

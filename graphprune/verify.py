@@ -156,7 +156,7 @@ def _has_dynamic_spatial_axes(model: onnx.ModelProto) -> bool:
 def _check_at_scale(masked: onnx.ModelProto, pruned: onnx.ModelProto, slices: dict, seed: int, rtol: float,
                      size: int) -> dict:
     """The oracle for a big model: one batch at one short sequence; the masked original, then
-    the pruned model, each written to a scratch folder and run from there by onnxruntime, one
+    the pruned model, each run by onnxruntime from a scratch copy of its weights, one
     session at a time (never both models in memory). The peak is onnxruntime's own: about the
     model's size, more where it materialises a weight's transpose (a tied embedding)."""
     from .errors import BadInputError
@@ -165,24 +165,16 @@ def _check_at_scale(masked: onnx.ModelProto, pruned: onnx.ModelProto, slices: di
 
     feeds = synthetic_inputs(masked, batch=1, seq=size, seed=seed + 1)
     names = [o.name for o in masked.graph.output]
-    src, keep = session_payload(masked)
-    try:
-        want = slice_arrays(dict(zip(names, run_model(src, feeds))), slices)
+    try:  # each session is released when run_model returns
+        want = slice_arrays(dict(zip(names, run_model(session_payload(masked)[0], feeds))), slices)
     except Exception as exc:
         shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInputError(f"--verify: the original model itself does not run on synthetic inputs ({shapes}): "
                             f"{msg[:300]}") from None
-    finally:
-        if keep is not None:
-            keep.cleanup()
     pruned_inputs = {i.name for i in pruned.graph.input}
-    src, keep = session_payload(pruned)
-    try:
-        got = run_model(src, {k: v for k, v in slice_arrays(feeds, slices).items() if k in pruned_inputs})
-    finally:
-        if keep is not None:
-            keep.cleanup()
+    got = run_model(session_payload(pruned)[0],
+                    {k: v for k, v in slice_arrays(feeds, slices).items() if k in pruned_inputs})
     cmp = compare_outputs([want[n] for n in names], got)
     return {"batch1": cmp, "at_scale": f"big model: one batch at sequence {size}, models run one at a time",
             "equivalent": bool(cmp["max_rel"] <= rtol)}

@@ -294,6 +294,17 @@ def test_resave_leaves_one_data_file(llm, tmp_path, big):
     onnx.checker.check_model(str(out), full_check=True)
 
 
+def test_single_file_save_removes_the_old_data_file(llm, tmp_path, monkeypatch):
+    out = tmp_path / "o" / "p.onnx"
+    monkeypatch.setenv(external_data.BIG_MODEL_ENV, TINY_THRESHOLD)
+    graphprune.prune(str(llm), 0.5).save(out)
+    assert any(n.endswith(".data") for n in os.listdir(out.parent))
+    monkeypatch.delenv(external_data.BIG_MODEL_ENV)
+    model_io.save_model(graphprune.prune(str(llm), 0.5).model, out, external_data=False)
+    assert os.listdir(out.parent) == ["p.onnx"]
+    onnx.checker.check_model(str(out), full_check=True)
+
+
 def test_concurrent_saves_never_mix_graph_and_data(llm, tmp_path, big):
     """Two results written to one output at once: every graph a reader finds names a data file
     that exists and belongs to it (the weights of one run, never the other's)."""
@@ -331,3 +342,26 @@ def test_concurrent_saves_never_mix_graph_and_data(llm, tmp_path, big):
     ref_a = _run(str(a.save(tmp_path / "a.onnx")), feeds)[0]
     ref_b = _run(str(b.save(tmp_path / "b.onnx")), feeds)[0]
     assert final.shape == ref_a.shape and (np.array_equal(final, ref_a) or np.array_equal(final, ref_b))
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "obs"])
+def test_calibrated_criteria_at_scale_match_in_memory(llm, monkeypatch, criterion):
+    """Activation statistics and Hessians of a big model come from onnxruntime sessions over one
+    scratch copy of its weights: the same scores, so the same channels, as in memory; the
+    copy is gone when the prune returns."""
+    small = graphprune.prune(str(llm), 0.5, criterion=criterion)
+    monkeypatch.setattr(external_data, "BIG_MODEL_BYTES", int(TINY_THRESHOLD))
+    seen = []
+    real = model_io._RunCopies.graph_path
+
+    def spy(self, model):
+        path = real(self, model)
+        seen.append(Path(path))
+        return path
+
+    monkeypatch.setattr(model_io._RunCopies, "graph_path", spy)
+    result = graphprune.prune(str(llm), 0.5, criterion=criterion, verify=True)
+    assert seen, "no session ran over the scratch copy"
+    assert result.report["oracle"]["equivalent"]
+    assert [g["removed"] for g in result.report["groups"]] == [g["removed"] for g in small.report["groups"]]
+    assert not any(p.parent.exists() for p in seen), "the scratch copy was left behind"

@@ -84,7 +84,9 @@ def _for_onnx2torch(proto: onnx.ModelProto) -> onnx.ModelProto:
             n.CopyFrom(helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name))
     if flattens:
         try:
-            inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+            from ..model_io import without_weights  # ranks need no weight: none is serialized
+
+            inferred = onnx.shape_inference.infer_shapes(without_weights(proto)[0], strict_mode=False)
             ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in
                      [*inferred.graph.value_info, *inferred.graph.input]
                      if vi.type.tensor_type.HasField("shape")}
