@@ -15,7 +15,6 @@ goes to the integer constant (see `RuleContext.role`), criteria read the dequant
 from __future__ import annotations
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from ..quantized import _DOMAINS, _axis, dequant_source, dequant_weight, dequantized, zero_fill
 from .base import OpRule, OpRuleRegistry, RuleContext
