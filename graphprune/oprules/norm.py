@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import OpRule, OpRuleRegistry, RuleContext
+from .base import OpRule, OpRuleRegistry, RuleContext, with_scales
 
 __all__ = ["register_norm_rules"]
 
@@ -69,5 +69,5 @@ class MeanVarianceNorm(OpRule):
 
 
 def register_norm_rules(reg: OpRuleRegistry) -> None:
-    reg.register("GroupNormalization", GroupNorm(), since=18)
+    reg.register("GroupNormalization", with_scales(GroupNorm(), (1,)), since=18)
     reg.register("MeanVarianceNormalization", MeanVarianceNorm(), since=9)

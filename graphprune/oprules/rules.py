@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
+from ..graph import tensor_shape
+from .base import CostTerm, OpRule, OpRuleRegistry, RewriteContext, RuleContext, WeightLayout, static_size, volume, with_scales
 
 __all__ = ["register_builtin_rules", "UNARY_OPS", "BROADCAST_OPS"]
 
@@ -118,6 +119,35 @@ class Conv(OpRule):
         if g > 1 and g == cin and rctx.kept(x, 1) is not None:
             node.attrs["group"] = len(rctx.kept(x, 1))
 
+    # the one place that knows the Conv / ConvTranspose weight layout:
+    # Conv W[Cout, Cin/g, k...], ConvTranspose W[Cin, Cout/g, k...]
+    def weight_layout(self, node: gs.Node) -> WeightLayout | None:
+        if len(node.inputs) < 2 or not node.inputs[1].name:
+            return None
+        w_out, w_in = (1, 0) if self.transposed else (0, 1)
+        rank = len(node.inputs[1].shape or ())
+        return WeightLayout("conv_transpose" if self.transposed else "conv", 1, w_out, w_in, x=0, x_axis=1,
+                            groups=int(node.attrs.get("group", 1)), in_per_group=not self.transposed,
+                            kernel_axes=tuple(range(2, rank)), bias=2)
+
+    def spatial_tensor(self, node: gs.Node) -> gs.Tensor | None:
+        """MACs follow the output positions of a Conv, the input positions of a ConvTranspose."""
+        if len(node.inputs) < 2:
+            return None
+        return node.inputs[0] if self.transposed else node.outputs[0]
+
+    def cost_terms(self, node: gs.Node, spatial: dict | None = None) -> list[CostTerm]:
+        if len(node.inputs) < 2 or not node.inputs[1].name:
+            return []
+        w, y = node.inputs[1], node.outputs[0]
+        ws, ys, xs = tensor_shape(w), tensor_shape(y), tensor_shape(node.inputs[0])
+        if ws is None or ys is None or xs is None:
+            return []
+        t = self.spatial_tensor(node)
+        sizes = (spatial or {}).get(t.name) or (xs[2:] if self.transposed else ys[2:])
+        coef = volume(sizes) * static_size(ys[0]) * volume(ws[2:])
+        return [CostTerm(node.name or y.name, coef, [(w.name, 0), (w.name, 1)])]
+
 
 class ConvTranspose(Conv):
     transposed = True
@@ -162,6 +192,30 @@ class Gemm(OpRule):
         if c is not None:
             ctx.broadcast([c], [y])
 
+    def weight_layout(self, node: gs.Node) -> WeightLayout | None:
+        ta, tb = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
+        return WeightLayout("gemm", 1, 0 if tb else 1, 1 if tb else 0, x=0, x_axis=0 if ta else 1, trans_b=tb,
+                            alpha=float(node.attrs.get("alpha", 1.0)), bias=2, bias_scale_attr="beta")
+
+    def cost_terms(self, node: gs.Node, spatial: dict | None = None) -> list[CostTerm]:
+        a, b = _operands(node)
+        if a is None:
+            return []
+        ta, tb = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
+        m_ax, k_ax = (1, 0) if ta else (0, 1)
+        return [CostTerm(node.name or node.outputs[0].name, 1.0, [(a.name, m_ax), (a.name, k_ax), (b.name, 0 if tb else 1)])]
+
+
+def _operands(node: gs.Node):
+    """(A, B) of a matrix product when both are named and shaped, else (None, None)."""
+    ins = [t if t.name else None for t in node.inputs]
+    if len(ins) < 2 or ins[0] is None or ins[1] is None:
+        return None, None
+    as_, bs, ys = tensor_shape(ins[0]), tensor_shape(ins[1]), tensor_shape(node.outputs[0])
+    if as_ is None or bs is None or ys is None or len(as_) < 1 or len(bs) < 1:
+        return None, None
+    return ins[0], ins[1]
+
 
 class MatMul(OpRule):
     """Numpy matmul: A[..., M, K] @ B[..., K, N]; constant operands are weights."""
@@ -188,6 +242,18 @@ class MatMul(OpRule):
             # an activation x activation contraction (Q.K^T) is pruned only when asked for
             # (head_dim): its elements go in both operands at once, like a head dimension
             ctx.pin(a, -1, "contraction between two activations (head dimension: ask for head_dim)")
+
+    def weight_layout(self, node: gs.Node) -> WeightLayout | None:
+        """x[..., K] @ W[..., K, N] (a constant first operand is not a weight view)."""
+        return WeightLayout("matmul", 1, -1, -2, x=0, x_axis=-1)
+
+    def cost_terms(self, node: gs.Node, spatial: dict | None = None) -> list[CostTerm]:
+        a, b = _operands(node)
+        if a is None:
+            return []
+        y = node.outputs[0]
+        axes = [(y.name, k) for k in range(len(tensor_shape(y)))] + [(a.name, len(tensor_shape(a)) - 1)]
+        return [CostTerm(node.name or y.name, 1.0, axes)]  # numpy matmul: prod(output) * K
 
 
 class Pool(OpRule):
@@ -1170,15 +1236,26 @@ class Einsum(OpRule):
                 ctx.pin(x0, k0, "contraction between two activations (head dimension: ask for head_dim)")
 
 
+class ConvInteger(Conv):
+    """ConvInteger: costed like a Conv; its channels are not mapped (every axis pinned)."""
+
+    def analyze(self, ctx: RuleContext) -> None:
+        ctx.pin_all(f"no channel mapping for {ctx.op}")
+
+    def weight_layout(self, node: gs.Node) -> WeightLayout | None:
+        return None
+
+
 def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
     for op in UNARY_OPS:
         reg.register(op, Unary())
     for op in BROADCAST_OPS:
-        reg.register(op, Broadcast())
+        reg.register(op, with_scales(Broadcast(), (0, 1)) if op == "Mul" else Broadcast())
     reg.register("Conv", Conv())
     reg.register("ConvTranspose", ConvTranspose())
-    reg.register("BatchNormalization", BatchNorm())
-    reg.register("InstanceNormalization", BatchNorm())
+    reg.register("ConvInteger", ConvInteger())
+    reg.register("BatchNormalization", with_scales(BatchNorm(), (1,)))
+    reg.register("InstanceNormalization", with_scales(BatchNorm(), (1,)))
     reg.register("Gemm", Gemm())
     reg.register("MatMul", MatMul())
     for op in ("MaxPool", "AveragePool", "LpPool"):
@@ -1204,7 +1281,7 @@ def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
     reg.register("Shape", ShapeOf())
     reg.register("Size", ShapeOf())
     reg.register("Expand", Expand())
-    reg.register("LayerNormalization", LayerNorm())
+    reg.register("LayerNormalization", with_scales(LayerNorm(), (1,)))
     reg.register("RMSNormalization", LayerNorm())
     reg.register("Gather", Gather())
     reg.register("Tile", Tile())
