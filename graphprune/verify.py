@@ -7,10 +7,9 @@ import onnx_graphsurgeon as gs
 
 from .dependency import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, DependencyGraph, Dim
 from .graph import Model
-from .oprules.quant import bypass_activation_qdq, exact_integer_matmuls, zero_fill
+from .oprules.quant import QUANTIZED_OPS, bypass_activation_qdq, exact_integer_matmuls, zero_fill
 from .runtime import run_model, synthetic_inputs
 
-_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
 NOISE_FACTOR = 4.0  # an oracle error within this factor of float32 reordering noise passes
 
 __all__ = ["masked_model", "check_mask_equivalence", "compare_outputs"]
@@ -177,7 +176,7 @@ def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: Depende
     # quantized models run unfused: onnxruntime's fusions (QDQ -> integer kernels, DynamicQuantizeLinear
     # + MatMulInteger -> DynamicQuantizeMatMul) quantize differently where the masked reference's extra
     # Gather/Where nodes stop a fusion
-    optimize = not any(n.op_type in _QUANT_OPS for n in masked.graph.node)
+    optimize = not any(n.op_type in QUANTIZED_OPS for n in masked.graph.node)
     if float_masked is not masked:  # fake-quantized activations: compare without their rounding
         masked, pruned = float_masked, bypass_activation_qdq(pruned)
         results["quantized_activations"] = "compared without activation Q/DQ rounding"

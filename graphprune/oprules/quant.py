@@ -20,10 +20,15 @@ import onnx_graphsurgeon as gs
 from .base import OpRule, OpRuleRegistry, RuleContext
 from .rules import MatMul
 
-__all__ = ["register_quant_rules", "dequant_source", "dequant_weight", "dequantized", "zero_fill",
+__all__ = ["QDQ_OPS", "QUANTIZE_OPS", "QUANTIZED_OPS", "register_quant_rules", "dequant_source", "dequant_weight", "dequantized", "zero_fill",
            "bypass_activation_qdq"]
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+# ops that keep values quantized: constant folding leaves them (folding DequantizeLinear(int8 constant)
+# would silently turn a QDQ model's weights into float ones)
+QUANTIZE_OPS = QDQ_OPS + ("DynamicQuantizeLinear",)
+# every op of a quantized graph (onnxruntime fuses them in ways a masked reference can break)
+QUANTIZED_OPS = QUANTIZE_OPS + ("MatMulInteger", "ConvInteger")
 _DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 

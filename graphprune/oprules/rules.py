@@ -54,6 +54,11 @@ class Conv(OpRule):
 
     transposed = False
 
+    def weight_axes(self) -> tuple[int, int]:
+        """(output-channel axis, input-channel axis) of the weight: the one place that knows them.
+        Conv W[Cout, Cin/g, k...]; ConvTranspose W[Cin, Cout/g, k...]."""
+        return (1, 0) if self.transposed else (0, 1)
+
     def analyze(self, ctx: RuleContext) -> None:
         x, w, b, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
         g = int(ctx.attrs.get("group", 1))
@@ -63,32 +68,31 @@ class Conv(OpRule):
         if not isinstance(cin, int) or not isinstance(cout, int):
             ctx.pin(x, 1, "dynamic channel count")
             return
-        w_out, w_in = (1, 0) if self.transposed else (0, 1)
-        # the weight's output-channel axis (per group for ConvTranspose)
+        w_out, w_in = self.weight_axes()
         if self.transposed:
             og = cout // g
-            ctx.tie(x, 1, w, 0)
-            ctx.role(w, 0, ROLE_REDUCE)
+            ctx.tie(x, 1, w, w_in)
+            ctx.role(w, w_in, ROLE_REDUCE)
             if g == 1:
-                ctx.tie(w, 1, y, 1)
-                ctx.role(w, 1, ROLE_OUT)
+                ctx.tie(w, w_out, y, 1)
+                ctx.role(w, w_out, ROLE_OUT)
             elif g == cin:  # depthwise transposed, channel multiplier og
                 j = np.arange(cout)
                 ctx.tie(x, 1, y, 1, j // og, j)
-                ctx.skip(w, 1)
+                ctx.skip(w, w_out)
             else:
                 self._balance(ctx, x, 1, cin, g)
                 self._balance(ctx, y, 1, cout, g)
                 j = np.arange(cout)
-                ctx.tie(w, 1, y, 1, j % og, j)
-                ctx.role(w, 1, ROLE_OUT)
+                ctx.tie(w, w_out, y, 1, j % og, j)
+                ctx.role(w, w_out, ROLE_OUT)
         else:
-            ctx.tie(w, 0, y, 1)
-            ctx.role(w, 0, ROLE_OUT)
+            ctx.tie(w, w_out, y, 1)
+            ctx.role(w, w_out, ROLE_OUT)
             cg = cin // g
             if g == 1:
-                ctx.tie(x, 1, w, 1)
-                ctx.role(w, 1, ROLE_REDUCE)
+                ctx.tie(x, 1, w, w_in)
+                ctx.role(w, w_in, ROLE_REDUCE)
             elif cg == 1:  # depthwise, channel multiplier m = cout / cin
                 m = cout // cin
                 c = np.arange(cout)
@@ -97,8 +101,8 @@ class Conv(OpRule):
                 self._balance(ctx, x, 1, cin, g)
                 self._balance(ctx, y, 1, cout, g)
                 c = np.arange(cin)
-                ctx.tie(x, 1, w, 1, c, c % cg)
-                ctx.role(w, 1, ROLE_REDUCE)
+                ctx.tie(x, 1, w, w_in, c, c % cg)
+                ctx.role(w, w_in, ROLE_REDUCE)
         if b is not None:
             ctx.tie(b, 0, y, 1)
             ctx.role(b, 0, ROLE_PARAM)
@@ -119,12 +123,10 @@ class Conv(OpRule):
         if g > 1 and g == cin and rctx.kept(x, 1) is not None:
             node.attrs["group"] = len(rctx.kept(x, 1))
 
-    # the one place that knows the Conv / ConvTranspose weight layout:
-    # Conv W[Cout, Cin/g, k...], ConvTranspose W[Cin, Cout/g, k...]
     def weight_layout(self, node: gs.Node) -> WeightLayout | None:
         if len(node.inputs) < 2 or not node.inputs[1].name:
             return None
-        w_out, w_in = (1, 0) if self.transposed else (0, 1)
+        w_out, w_in = self.weight_axes()
         rank = len(node.inputs[1].shape or ())
         return WeightLayout("conv_transpose" if self.transposed else "conv", 1, w_out, w_in, x=0, x_axis=1,
                             groups=int(node.attrs.get("group", 1)), in_per_group=not self.transposed,
