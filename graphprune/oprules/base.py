@@ -37,7 +37,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..dependency import DependencyGraph
 
 __all__ = ["OpRule", "RuleContext", "RewriteContext", "OpRuleRegistry", "FactorBlock", "register_op_rule",
-           "CostTerm", "WeightLayout", "rule_for", "static_size", "volume", "with_scales"]
+           "CostTerm", "WeightLayout", "rule_for", "ROLE_OUT", "ROLE_REDUCE", "ROLE_PARAM", "static_size", "volume", "with_scales"]
+
+
+# roles of a weight axis (GroupMember.role): produces channels, reduces them, or scales/shifts them
+ROLE_OUT, ROLE_REDUCE, ROLE_PARAM = "out", "reduce", "param"
 
 
 @dataclass

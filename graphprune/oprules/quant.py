@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import OpRule, OpRuleRegistry, RuleContext
-from .rules import MatMul
+from .base import OpRuleRegistry, RuleContext
+from .linear import MatMul
 
 __all__ = ["QDQ_OPS", "QUANTIZE_OPS", "QUANTIZED_OPS", "register_quant_rules", "dequant_source", "dequant_weight", "dequantized", "zero_fill",
            "bypass_activation_qdq"]
