@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 from ..graph import tensor_shape
 from .base import CostTerm, OpRule, OpRuleRegistry, RewriteContext, RuleContext, static_size
 from .elementwise import Broadcast, Unary
-from .normalization import LayerNorm
+from .norm import LayerNorm
 
 __all__ = ["register_contrib_rules"]
 

@@ -1,6 +1,6 @@
 """Built-in op rules, written from the ONNX operator spec (one small rule per op), registered here.
 
-The rules live in family modules: elementwise, conv, linear (Gemm/MatMul/Einsum), normalization,
+The rules live in family modules: elementwise, conv, linear (Gemm/MatMul/Einsum), norm,
 reduce (reductions, axis ops, pooling), concat_split, layout (Squeeze/Transpose/DepthToSpace),
 reshape (Reshape/Flatten), resample (Pad/Resize), indexing (Shape/Expand/Gather/Tile).
 """
@@ -13,7 +13,7 @@ from .elementwise import BROADCAST_OPS, UNARY_OPS, Broadcast, Unary
 from .indexing import Expand, Gather, ShapeOf, Tile
 from .layout import DepthToSpace, Squeeze, Transpose
 from .linear import Einsum, Gemm, MatMul
-from .normalization import BatchNorm, LayerNorm
+from .norm import BatchNorm, LayerNorm
 from .reduce import AxisOp, GlobalPool, Pool, Reduce
 from .resample import Pad, Resize
 from .reshape import Flatten, Reshape
