@@ -256,7 +256,9 @@ def _session(proto: onnx.ModelProto):
     ort = require_onnxruntime()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    from .runtime import new_session  # a big model's weights stay memory-mapped
+
+    return new_session(ort, proto, opts, ["CPUExecutionProvider"])
 
 
 def run_batches(proto: onnx.ModelProto, names: list[str], batches: Iterable[dict]):

@@ -103,11 +103,13 @@ def _import_ort():
 def _model_source(model) -> "tuple[str | bytes, tempfile.TemporaryDirectory | None]":
     """A path or serialized bytes onnxruntime can load; protos over 2 GB go to a temp file."""
     if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() < _TWO_GB:
+        from .model_io import save_model, uses_external_data
+
+        if not uses_external_data(model) and model.ByteSize() < _TWO_GB:
             return model.SerializeToString(), None
         tmp = tempfile.TemporaryDirectory(prefix="graphprune-bench-")
         path = os.path.join(tmp.name, "model.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+        save_model(model, path, external_data=True)
         return path, tmp
     path = os.fspath(model)
     if not os.path.isfile(path):
@@ -635,7 +637,9 @@ def _for_onnx2torch(proto: onnx.ModelProto) -> onnx.ModelProto:
             n.CopyFrom(helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name))
     if flattens:
         try:
-            inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+            from .model_io import without_weights  # ranks need no weight: none is serialized
+
+            inferred = onnx.shape_inference.infer_shapes(without_weights(proto)[0], strict_mode=False)
             ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in
                      [*inferred.graph.value_info, *inferred.graph.input]
                      if vi.type.tensor_type.HasField("shape")}

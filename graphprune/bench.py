@@ -18,15 +18,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .argtypes import EXIT_BAD_INPUT, EXIT_OK, ArgParser, int_at_least
 from .backends import BACKENDS, Backend, select_backend
-from .cli import int_at_least
 from .errors import BadInputError
 from .runtime import synthetic_inputs
 
 __all__ = ["main", "build_parser", "bench_models", "format_bench", "parse_shape", "time_sessions", "feeds_for",
            "latency_stats", "add_bench_options", "bench_kwargs", "bench_from_args", "shapes_from_args"]
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
 DEFAULT_RUNS, DEFAULT_WARMUP, DEFAULT_SEQ = 50, 10, 128
 
 
@@ -229,9 +228,7 @@ def add_bench_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _Parser
-
-    p = _Parser(prog="graphprune bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgParser(prog="graphprune bench", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Latency of one or more ONNX models side by side (the first is the reference): "
                             "median, p10/p90, spread, throughput and the ratio to the first model.",
                 epilog="examples:\n  graphprune bench model.onnx model.pruned.onnx --threads 2\n"

@@ -6,19 +6,41 @@ a term is `coef * prod(size of each listed dimension)`. Each op's terms come fro
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .dependency import installed_registry
 from .graph import Model, tensor_shape
-from .oprules.base import CostTerm, OpRuleRegistry, rule_for, static_size
 
-__all__ = ["CostTerm", "node_cost_terms", "param_cost_terms", "model_cost", "CostSummary"]
+__all__ = ["CostTerm", "static_size", "volume", "node_cost_terms", "param_cost_terms", "model_cost", "CostSummary"]
 
 
-def _static(d) -> int:
-    return static_size(d)
+@dataclass
+class CostTerm:
+    """coef * prod(sizes of `axes`), axes being (tensor, axis) pairs."""
+
+    node: str
+    coef: float
+    axes: list = field(default_factory=list)
+
+
+def static_size(d) -> int:
+    """A static axis size, or 1 for a dynamic / unknown one."""
+    return d if isinstance(d, int) and d > 0 else 1
+
+
+def volume(shape) -> float:
+    """Product of the static sizes of `shape` (dynamic axes count as 1)."""
+    return float(np.prod([static_size(d) for d in shape])) if shape else 1.0
+
+
+_static = static_size
+
+
+def _rule(node: gs.Node, opset: int, registry):
+    return registry.lookup(node.domain or "", node.op, opset)
 
 
 # dynamic spatial axes (images of any size: detectors, segmenters, fully convolutional nets) are
@@ -26,7 +48,7 @@ def _static(d) -> int:
 SPATIAL_HINT_SIZE = 224
 
 
-def spatial_hints(model: Model) -> dict[str, tuple]:
+def spatial_hints(model: Model, registry=None) -> dict[str, tuple]:
     """Conv/ConvTranspose spatial sizes for graphs whose spatial axes are dynamic: shape inference
     with every dynamic non-batch input axis set to SPATIAL_HINT_SIZE. {} when all are static (or
     inference fails). Cached on the model for its current graph."""
@@ -34,8 +56,9 @@ def spatial_hints(model: Model) -> dict[str, tuple]:
     if cached is not None and cached[0] is model.graph:
         return cached[1]
     names = []
+    registry = registry if registry is not None else installed_registry()
     for node in model.graph.nodes:
-        rule = rule_for(node, model.opset)
+        rule = _rule(node, model.opset, registry)
         t = rule.spatial_tensor(node) if rule is not None else None
         if t is not None:
             shape = tensor_shape(t)
@@ -62,17 +85,17 @@ def spatial_hints(model: Model) -> dict[str, tuple]:
     return hints
 
 
-def node_cost_terms(node: gs.Node, spatial: dict | None = None, *, opset: int = 0,
-                    registry: OpRuleRegistry | None = None) -> list[CostTerm]:
+def node_cost_terms(node: gs.Node, spatial: dict | None = None, *, opset: int = 0, registry=None) -> list[CostTerm]:
     """MACs of one node, as its op rule states them (batch counted as 1; dynamic spatial axes of
-    convs at `spatial`'s sizes where given, see spatial_hints; other dynamic axes counted as 1)."""
-    rule = rule_for(node, opset, registry)
+    convs at `spatial`'s sizes where given, see spatial_hints; other dynamic axes counted as 1).
+    `registry`: the op rules to ask (default: the installed ones; pass it when costing many nodes)."""
+    rule = _rule(node, opset, registry if registry is not None else installed_registry())
     return rule.cost_terms(node, spatial) if rule is not None else []
 
 
 def param_cost_terms(model: Model) -> list[CostTerm]:
     """One term per weight initializer (floating point, or an integer weight read by DequantizeLinear)."""
-    from .oprules.quant import dequant_weight
+    from .quantized import dequant_weight
 
     terms = []
     for t in model.graph.tensors().values():
@@ -105,7 +128,7 @@ def _term_value(term: CostTerm, sizes) -> float:
     return v
 
 
-def model_cost(model: Model) -> CostSummary:
+def model_cost(model: Model, registry=None) -> CostSummary:
     tensors = model.graph.tensors()
 
     def size(t, ax):
@@ -113,9 +136,10 @@ def model_cost(model: Model) -> CostSummary:
         return _static(s[ax]) if s is not None and ax < len(s) else 1
 
     per_node = {}
-    hints = spatial_hints(model)
+    registry = registry if registry is not None else installed_registry()
+    hints = spatial_hints(model, registry)
     for node in model.graph.nodes:
-        for term in node_cost_terms(node, hints, opset=model.opset):
+        for term in node_cost_terms(node, hints, opset=model.opset, registry=registry):
             per_node[term.node] = per_node.get(term.node, 0.0) + _term_value(term, size)
     params = sum(_term_value(t, size) for t in param_cost_terms(model))
     return CostSummary(sum(per_node.values()), params, per_node)

@@ -35,7 +35,11 @@ from .backends import Backend, select_backend
 from .bench import DEFAULT_SEQ, feeds_for, time_sessions
 from .oprules import WeightLayout, rule_for
 from .errors import BadInputError, NothingToPruneError
+from .options import PruneOptions, check_ratio, policy_from
 from .pipeline import Pass, PassManager, PassResult, PruneContext
+from .roles import WEIGHT_ROLES
+
+_ROUND_TO, _MIN_KEEP = PruneOptions.default("round_to"), PruneOptions.default("min_keep")
 
 __all__ = ["LatencyTable", "LatencyRoundPass", "build_latency_table", "prune_to_latency", "latency_vs_flops",
            "latency_cache_dir", "model_digest", "measure_ratio"]
@@ -234,7 +238,7 @@ def _group_layers(ctx: PruneContext, group, symbols: dict, batch: int, seq: int)
     by_node: dict[str, _Layer] = {}
     skipped = []
     for m in group.members:
-        if not m.is_weight or m.role not in ("out", "reduce"):
+        if not m.is_weight or m.role not in WEIGHT_ROLES:
             continue
         t = tensors.get(m.tensor)
         if not isinstance(t, gs.Constant):
@@ -294,7 +298,9 @@ def _layers_model(layers: list, removed: int, opset: int, seed: int = 0) -> "tup
 
 def _time_model(backend: Backend, model: onnx.ModelProto, feeds: dict, runs: int, warmup: int) -> float | None:
     try:
-        onnx.checker.check_model(model)
+        from .model_io import check_model
+
+        check_model(model, full_check=False)
         sess = backend.load(model, feeds)
     except Exception:
         return None
@@ -329,8 +335,8 @@ def _symbols(proto: onnx.ModelProto, feeds: dict) -> dict:
 
 
 def build_latency_table(model, backend: "str | Backend" = "auto", *, batch: int = 1, shapes: dict | None = None,
-                        seq: int = DEFAULT_SEQ, threads: int = 0, fp16: bool = False, round_to: int = 8,
-                        min_keep: float = 0.1, max_counts: int = 12, runs: int = 10, warmup: int = 2,
+                        seq: int = DEFAULT_SEQ, threads: int = 0, fp16: bool = False, round_to: int = _ROUND_TO,
+                        min_keep: float = _MIN_KEEP, max_counts: int = 12, runs: int = 10, warmup: int = 2,
                         cache: bool = True, cache_dir: "str | os.PathLike | None" = None, registry=None,
                         policy: dict | None = None, gqa_uniform: bool = False,
                         log: Callable[[str], None] | None = None) -> LatencyTable:
@@ -428,8 +434,8 @@ class LatencyRoundPass(Pass):
         self.table, self.window, self.tolerance = table, float(window), float(tolerance)
 
     def call(self, ctx: PruneContext) -> PassResult:
-        round_to = int(ctx.option("round_to", 8) or 1)
-        min_keep = float(ctx.option("min_keep", 0.1))
+        round_to = int(ctx.option("round_to", _ROUND_TO) or 1)
+        min_keep = float(ctx.option("min_keep", _MIN_KEEP))
         changed = {}
         for g in ctx.groups:
             removed = ctx.plan.removed.get(g.id)
@@ -508,7 +514,7 @@ def prune_to_latency(model, target_latency: float, backend: "str | Backend" = "a
         target = float(target_latency)
     except (TypeError, ValueError):
         raise BadInputError(f"target_latency must be a number in (0, 1], got {target_latency!r}") from None
-    if not 0 < target <= 1:
+    if check_ratio(target):
         raise BadInputError(f"target_latency must be in (0, 1] (the fraction of the original latency), got {target}")
     for key in ("target_flops", "target_params"):
         if prune_kwargs.get(key) is not None:
@@ -523,13 +529,13 @@ def prune_to_latency(model, target_latency: float, backend: "str | Backend" = "a
     table = None
     if use_lut:
         table = build_latency_table(source, bk, batch=batch, shapes=shapes, seq=seq,
-                                    round_to=prune_kwargs.get("round_to", 8),
-                                    min_keep=prune_kwargs.get("min_keep", 0.1),
+                                    round_to=prune_kwargs.get("round_to", _ROUND_TO),
+                                    min_keep=prune_kwargs.get("min_keep", _MIN_KEEP),
                                     max_counts=lut_counts, runs=lut_runs, cache=cache, cache_dir=cache_dir,
                                     registry=prune_kwargs.get("registry"),
-                                    policy=dict(prune_kwargs.get("policy") or {},
-                                                **{k: True for k in ("prune_kv_cache", "prune_hidden")
-                                                   if prune_kwargs.get(k)}),
+                                    policy=policy_from(prune_kwargs.get("policy"),
+                                                       **{k: prune_kwargs.get(k)
+                                                          for k in ("head_dim", "prune_kv_cache", "prune_hidden")}),
                                     gqa_uniform=prune_kwargs.get("gqa_uniform", False), log=log)
     pipeline = _pipeline_with(table, prune_kwargs.pop("pipeline", None), window)
     original = bk.load(source, feeds)

@@ -6,7 +6,7 @@ import onnx
 
 from .errors import BadInputError
 
-__all__ = ["require_onnxruntime", "run_model", "synthetic_inputs"]
+__all__ = ["require_onnxruntime", "run_model", "synthetic_inputs", "model_source", "new_session"]
 
 _INSTALL = "pip install 'graphprune[cpu]' (onnxruntime) or 'graphprune[gpu]' (onnxruntime-gpu), not both"
 
@@ -27,8 +27,25 @@ def session(model: onnx.ModelProto | str, threads: int = 0, optimize: bool = Tru
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    data = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return new_session(ort, model, opts, ["CPUExecutionProvider"])
+
+
+def new_session(ort, model: onnx.ModelProto | str, opts, providers: list):
+    """An InferenceSession of `model` (a path, or a proto: see :func:`model_source`)."""
+    src, keep = model_source(model, opts)
+    sess = ort.InferenceSession(src, opts, providers=providers)
+    sess._graphprune_weights = keep  # onnxruntime reads these buffers; they live as long as the session
+    return sess
+
+
+def model_source(model: onnx.ModelProto | str, opts) -> tuple:
+    """(what to hand onnxruntime, what must outlive the session) for `model`: a path as is; a
+    proto's bytes, or for a big model a scratch copy's path (see model_io.session_payload)."""
+    if isinstance(model, str):
+        return model, None
+    from .model_io import session_payload
+
+    return session_payload(model)
 
 
 def run_model(model: onnx.ModelProto | str, feeds: dict, optimize: bool = True) -> list[np.ndarray]:

@@ -50,6 +50,19 @@ def external_model(tmp_path, resnet_proto) -> Path:
     return folder / "model.onnx"
 
 
+def _pair(folder: Path, name: str) -> bool:
+    """The folder holds the graph `name` and one data file `<name>.<8 hex>.data`, which it names."""
+    import re
+
+    files = listing(folder)
+    data = files - {name}
+    if name not in files or len(data) != 1 or not re.fullmatch(re.escape(name) + r"\.[0-9a-f]{8}\.data", data.pop()):
+        return False
+    saved = onnx.load(str(folder / name), load_external_data=False)
+    return {external_data_helper.ExternalDataInfo(t).location for t in _tensors(saved)
+            if external_data_helper.uses_external_data(t)} == files - {name}
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -67,7 +80,7 @@ def test_prune_external_data_model_from_path(external_model, resnet_proto, tmp_p
     data_digest = sha256(external_model.with_name("model.onnx.data"))
     result = graphprune.prune(str(external_model), 0.5)
     out = Path(result.save(tmp_path / "out" / "pruned.onnx"))
-    assert listing(tmp_path / "out") == {"pruned.onnx", "pruned.onnx.data"}
+    assert _pair(tmp_path / "out", "pruned.onnx")
     assert sha256(external_model.with_name("model.onnx.data")) == data_digest, "the input's data was modified"
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     reference = graphprune.prune(resnet_proto, 0.5).model  # the same model, weights inline
@@ -142,8 +155,8 @@ def test_failed_save_keeps_the_previous_file(failure, tmp_path, resnet_proto, mo
             raise OSError(errno.EIO, "rename failed")
 
         monkeypatch.setattr(model_io.os, "replace", no_rename)
-    with pytest.raises(OSError):
-        save_model(resnet_proto, target)
+    with pytest.raises(graphprune.BadInputError, match="not enough disk space|rename failed"):
+        save_model(resnet_proto, target)  # one line (exit 2 in the CLI), never a half-written file
     monkeypatch.undo()
     assert target.read_bytes() == b"previous contents"
     assert listing(tmp_path) == {"model.onnx"}, "the temporary file is removed"
@@ -162,7 +175,7 @@ def test_save_model_with_external_data(tmp_path, resnet_proto):
     before = model.SerializeToString(deterministic=True)
     target = save_model(model, tmp_path / "out" / "model.onnx", external_data=True)
     assert model.SerializeToString(deterministic=True) == before, "the caller's model was modified"
-    assert listing(tmp_path / "out") == {"model.onnx", "model.onnx.data"}
+    assert _pair(tmp_path / "out", "model.onnx")
     saved = onnx.load(str(target), load_external_data=False)
     assert any(external_data_helper.uses_external_data(t) for t in _tensors(saved))
     assert all(not os.path.isabs(external_data_helper.ExternalDataInfo(t).location)

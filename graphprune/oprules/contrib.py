@@ -5,8 +5,9 @@ import numpy as np
 
 import onnx_graphsurgeon as gs
 
+from ..cost import CostTerm, static_size
 from ..graph import tensor_shape
-from .base import CostTerm, OpRule, OpRuleRegistry, RewriteContext, RuleContext, static_size
+from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
 from .elementwise import Broadcast, Unary
 from .norm import LayerNorm
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..cost import CostTerm, static_size, volume
 from ..graph import tensor_shape
-from .base import (ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, CostTerm, OpRule, RewriteContext, RuleContext, WeightLayout,
-                   static_size, volume)
+from ..roles import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE
+from .base import OpRule, RewriteContext, RuleContext, WeightLayout
 
 __all__ = ["Conv", "ConvTranspose", "ConvInteger"]
 

@@ -1,6 +1,7 @@
 """Elementwise ops: unary ops (every axis the identity) and n-ary ops with numpy broadcasting."""
 from __future__ import annotations
 
+from ..op_families import BROADCAST_OPS
 from .base import OpRule, RuleContext
 
 __all__ = ["UNARY_OPS", "BROADCAST_OPS", "Unary", "Broadcast"]
@@ -12,13 +13,6 @@ UNARY_OPS = (
     "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan",
     "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Not", "IsNaN", "IsInf", "Identity", "Cast", "CastLike",
     "Dropout", "Clip", "Shrink", "BitwiseNot",
-)
-
-
-BROADCAST_OPS = (
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Equal", "Greater",
-    "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitShift", "BitwiseAnd",
-    "BitwiseOr", "BitwiseXor",
 )
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import ROLE_PARAM, OpRule, RewriteContext, RuleContext
+from ..roles import ROLE_PARAM
+from .base import OpRule, RewriteContext, RuleContext
 
 __all__ = ["ShapeOf", "Expand", "Gather", "Tile"]
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from ..cost import CostTerm
 from ..graph import tensor_shape
-from .base import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, CostTerm, OpRule, RuleContext, WeightLayout
+from ..roles import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE
+from .base import OpRule, RuleContext, WeightLayout
 
 __all__ = ["Gemm", "MatMul", "Einsum"]
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import ROLE_PARAM, OpRule, OpRuleRegistry, RuleContext, with_scales
+from ..roles import ROLE_PARAM
+from .base import OpRule, OpRuleRegistry, RuleContext, with_scales
 
 __all__ = ["register_norm_rules", "BatchNorm", "LayerNorm"]
 

@@ -18,8 +18,9 @@ import numpy as np
 
 import onnx_graphsurgeon as gs
 
+from ..cost import CostTerm, static_size
 from ..graph import tensor_shape
-from .base import CostTerm, OpRule, OpRuleRegistry, RewriteContext, RuleContext, static_size
+from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
 
 __all__ = ["register_recurrent_rules"]
 

@@ -6,7 +6,8 @@ reshape (Reshape/Flatten), resample (Pad/Resize), indexing (Shape/Expand/Gather/
 """
 from __future__ import annotations
 
-from .base import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, OpRuleRegistry, with_scales
+from ..roles import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE
+from .base import OpRuleRegistry, with_scales
 from .concat_split import Concat, Slice, Split
 from .conv import Conv, ConvInteger, ConvTranspose
 from .elementwise import BROADCAST_OPS, UNARY_OPS, Broadcast, Unary
