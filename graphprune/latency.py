@@ -248,7 +248,7 @@ def _group_layers(ctx: PruneContext, group, symbols: dict, batch: int, seq: int)
             rule = rule_for(node, ctx.model.opset)
             lay = rule.weight_layout(node) if rule is not None else None
             if lay is None or len(node.inputs) <= lay.weight or node.inputs[lay.weight] is not t:
-                if node.op not in ("BatchNormalization", "Add", "Mul", "Sub", "Div", "PRelu"):
+                if rule is None or rule.cost_terms(node):  # per-channel parameters (BN, Add, Mul): no MACs
                     skipped.append(f"{node.name or node.op}: {node.op} not timed")
                 continue
             node_key = node.name or f"{node.op}->{node.outputs[0].name}"
