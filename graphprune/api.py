@@ -30,8 +30,10 @@ def default_pipeline() -> PassManager:
     from .fidelity import FidelityPass
     from .passes import (AllocatePass, AnalyzePass, CompensatePass, DeadNodeCleanupPass, NormalizePass,
                          RewritePass, ScorePass, VerifyPass)
+    from .passes.uniform_heads import UniformHeadsPass
 
-    return PassManager([NormalizePass(), AnalyzePass(), ScorePass(), AllocatePass(), RewritePass(),
+    return PassManager([NormalizePass(), AnalyzePass(), ScorePass(), AllocatePass(), UniformHeadsPass(),
+                        RewritePass(),
                         DeadNodeCleanupPass(), VerifyPass(), FidelityPass("uncompensated", "fidelity-uncompensated"),
                         CompensatePass(), FidelityPass("final", "fidelity")])
 

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_options
 
     add_bench_options(lat)  # --backend --runs --warmup --threads --batch --seq --shape --fp16
+    p.add_argument("--no-deploy-folder", action="store_true",
+                   help="a model in an onnxruntime-genai (genai_config.json) or Hugging Face (config.json) folder: "
+                        "do not treat it as a deployment folder (default: the same heads in every layer, the KV "
+                        "cache follows, the config is rewritten and tokenizer files copied beside -o)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return p
 
@@ -102,7 +106,13 @@ def _run_prune(args) -> int:
     if args.target_latency is not None and (args.target_flops is not None or args.target_params is not None):
         raise BadInputError("--target-latency chooses the FLOPs target itself; drop --target-flops/--target-params")
     src = Path(args.model)
+    from .deploy import check_output, default_output, detect_folder
+
+    folder = None if args.no_deploy_folder else detect_folder(str(src))
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}.pruned.onnx")
+    if folder is not None:
+        out = Path(args.output) if args.output else Path(default_output(folder, str(src)))
+        check_output(folder, str(out))
     if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
         raise BadInputError(f"output {out} is the input file; choose another -o")
     if out.is_dir():
@@ -112,6 +122,10 @@ def _run_prune(args) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     common = options_from_args(args, PRUNE) | {"progress": progress}
     del common["target_flops"], common["target_params"]
+    if folder is not None:  # the folder's runtime: same heads in every layer, the cache follows
+        policy = folder.policy
+        common["prune_kv_cache"] = common["prune_kv_cache"] or policy.pop("prune_kv_cache", False)
+        common["policy"] = (common.get("policy") or {}) | policy
     if args.target_latency is not None:
         from .bench import bench_kwargs
         from .latency import prune_to_latency
@@ -120,11 +134,19 @@ def _run_prune(args) -> int:
         result = prune_to_latency(str(src), args.target_latency, log=log, **bench_kwargs(args), **common)
     else:
         result = prune(str(src), target_flops=args.target_flops, target_params=args.target_params, **common)
+    if folder is not None:
+        from .deploy import check_uniform
+
+        check_uniform(result.model)  # before anything is written
     try:
         result.save(out)
     except OSError as exc:
         raise BadInputError(f"cannot write {out}: {exc.strerror or exc}") from None
     r = result.report
+    if folder is not None:
+        from .deploy import write_folder
+
+        r["deploy_folder"] = write_folder(folder, str(out), result.model, r)
     if args.bench:
         from .bench import bench_from_args
 
@@ -156,10 +178,16 @@ def _run_prune(args) -> int:
                 print("kv cache  " + "\n          ".join(format_cache_shapes(kv)))
             else:
                 print(f"kv cache  {len(kv)} inputs/outputs unchanged ({FLAG} allows pruning their heads)")
+        if "deploy_folder" in r:
+            d = r["deploy_folder"]
+            print(f"folder  {d['config']}: {d['set']}; copied {', '.join(d['copied']) or 'nothing'}")
+            if d.get("note"):
+                print(f"folder  {d['note']}")
         if "oracle" in r:
             o = r["oracle"]
-            worst = max(v["max_rel"] for k, v in o.items() if k.startswith("batch"))
-            noise = [v["noise_floor"] for k, v in o.items() if k.startswith("batch") and "noise_floor" in v]
+            runs = [v for k, v in o.items() if k.startswith("batch") or k == "inputs"]
+            worst = max(v["max_rel"] for v in runs)
+            noise = [v["noise_floor"] for v in runs if "noise_floor" in v]
             floor = f"; float32 noise floor of the original {max(noise):.2e}" if noise else ""
             floor += f"; {o['quantized_activations']}" if "quantized_activations" in o else ""
             print(f"oracle  mask equivalence {'holds' if o['equivalent'] else 'FAILS'} (max rel err {worst:.2e}{floor})")

@@ -555,7 +555,21 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
             out = SymbolicShapeInference.infer_shapes(out, auto_merge=True) or out
         except Exception:
             pass
+        _keep_output_symbols(proto, out)
     return out
+
+
+def _keep_output_symbols(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """Symbolic inference merges symbols (auto_merge: a cache's total length becomes the past
+    length); graph outputs keep the symbol names the model declared."""
+    declared = {o.name: o.type.tensor_type.shape.dim for o in before.graph.output}
+    for o in [*after.graph.output, *after.graph.value_info]:
+        dims = declared.get(o.name)
+        if dims is None or len(dims) != len(o.type.tensor_type.shape.dim):
+            continue
+        for d_old, d_new in zip(dims, o.type.tensor_type.shape.dim):
+            if d_old.dim_param and d_new.dim_param and d_old.dim_param != d_new.dim_param:
+                d_new.dim_param = d_old.dim_param
 
 
 _without_big_weights = without_weights  # the I/O layer's helper (older name)

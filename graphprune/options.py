@@ -192,6 +192,9 @@ class PruneOptions:
     stats_memory: int | None = _opt(None, "bytes of Hessians held at once", kind="int>=1")
     verify: bool = _opt(False, "check the mask-equivalence oracle with onnxruntime (needs onnxruntime)",
                         kind="flag", commands=(PRUNE,))
+    verify_inputs: Any = _opt(
+        None, "run the --verify oracle on these inputs (a .npz with one array per graph input, by name, or a dict "
+              "in the API) instead of synthetic ones; implies --verify", metavar="NPZ", commands=(PRUNE,))
     progress: bool = _opt(False, "progress bars on stderr", kind="flag")
     policy: dict | None = _opt(None, "analysis policy switches (head_dim, prune_hidden, ...)")
 
@@ -244,7 +247,8 @@ class PruneOptions:
             fidelity = self.calib is not None or self.compensate != "none" or bool(policy.get("prune_hidden"))
         out = dict(target_macs=self.target_flops, target_params=self.target_params, criterion=self.criterion,
                    round_to=self.round_to, min_keep=self.min_keep, protect=list(self.protect),
-                   uniform=self.uniform, seed=self.seed, verify=self.verify, policy=policy,
+                   uniform=self.uniform, seed=self.seed, verify=self.verify or self.verify_inputs is not None,
+                   verify_inputs=self.verify_inputs, policy=policy,
                    compensate=self.compensate, compensate_damp=self.compensate_damp,
                    compensate_select=self.compensate_select, compensate_residual=self.compensate_residual,
                    compensate_sequential=self.compensate_sequential, compensate_resume=self.compensate_resume,

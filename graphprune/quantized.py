@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["dequant_source", "dequant_weight", "dequantized", "zero_fill"]
+__all__ = ["dequant_source", "dequant_weight", "dequantized", "zero_fill", "unpack_bits", "dequantize_nbits",
+           "gather_table_magnitudes", "quantize_nbits"]
 
 _DOMAINS = ("", "ai.onnx", "com.microsoft")
 
@@ -74,6 +75,11 @@ def dequantized(c: gs.Tensor) -> np.ndarray | None:
     (per-tensor or per-axis scale); None otherwise."""
     if not isinstance(c, gs.Constant) or np.asarray(c.values).dtype.kind not in "iub":
         return None
+    users = list(c.outputs)
+    if users and all(n.op == "MatMulNBits" and n.inputs[1] is c for n in users):  # block-quantized B
+        return dequantize_nbits(users[0])
+    if users and all(n.op == "GatherBlockQuantized" and n.inputs[0] is c for n in users):  # quantized embedding
+        return gather_table_magnitudes(users[0])
     node = _dq_consumer(c)
     if node is None or int(node.attrs.get("block_size", 0) or 0) > 0:
         return None
@@ -114,3 +120,102 @@ def zero_fill(c: gs.Constant, axis: int, idx: np.ndarray) -> np.ndarray:
     full = np.broadcast_to(zp, values.shape).astype(values.dtype)
     values[tuple(sl)] = full[tuple(sl)]
     return values
+
+
+# --------------------------------------------------------------- MatMulNBits / GatherBlockQuantized
+# Block-quantized weights of onnxruntime's contrib ops (com.microsoft): codes of `bits` bits packed
+# low bits first into uint8, one scale (and zero point) per block of `block_size` values.
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Codes of `bits` bits packed low bits first along the last axis -> [..., count] uint8."""
+    per = 8 // bits
+    shifts = (np.arange(per) * bits).astype(np.uint8)
+    codes = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :count]
+
+
+def dequantize_nbits(node: gs.Node) -> np.ndarray | None:
+    """The float weight of a MatMulNBits node as [N, k_blocks, block_size] (None if not constant)."""
+    b, scales = node.inputs[1], node.inputs[2]
+    if not isinstance(b, gs.Constant) or not isinstance(scales, gs.Constant):
+        return None
+    bits, bs = int(node.attrs.get("bits", 4)), int(node.attrs["block_size"])
+    q = np.asarray(b.values)
+    n, kb = q.shape[0], q.shape[1]
+    codes = unpack_bits(q, bits, bs).astype(np.float32)
+    s = np.asarray(scales.values, dtype=np.float32).reshape(n, kb)
+    zp_t = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+    if zp_t is None:
+        zp = np.full((n, kb), float(1 << (bits - 1)), np.float32)
+    elif not isinstance(zp_t, gs.Constant):
+        return None
+    else:
+        z = np.asarray(zp_t.values)
+        zp = (unpack_bits(z.reshape(n, -1), bits, kb) if z.dtype == np.uint8 else z.reshape(n, kb)).astype(np.float32)
+    return (codes - zp[..., None]) * s[..., None]
+
+
+def gather_table_magnitudes(node: gs.Node) -> np.ndarray | None:
+    """|dequantized values| of a GatherBlockQuantized table summed per stored byte ([vocab, bytes],
+    the data's own shape), for criteria that read a weight's values."""
+    data, scales = node.inputs[0], node.inputs[2] if len(node.inputs) > 2 else None
+    if not isinstance(data, gs.Constant) or not isinstance(scales, gs.Constant):
+        return None
+    bits, bs = int(node.attrs.get("bits", 4)), int(node.attrs.get("block_size", 128))
+    q = np.asarray(data.values)
+    if q.ndim != 2 or q.dtype != np.uint8 or bits not in (4, 8):
+        return None
+    per = 8 // bits
+    hidden = q.shape[1] * per
+    codes = unpack_bits(q, bits, hidden).astype(np.float32)
+    kb = -(-hidden // bs)
+    zp_t = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+    if zp_t is None:
+        zp = np.full((q.shape[0], kb), float(1 << (bits - 1)), np.float32)
+    elif isinstance(zp_t, gs.Constant):
+        z = np.asarray(zp_t.values)
+        zp = (unpack_bits(z, bits, kb) if z.dtype == np.uint8 else z).astype(np.float32)
+    else:
+        return None
+    s = np.asarray(scales.values, np.float32)
+    deq = (codes - np.repeat(zp, bs, axis=1)[:, :hidden]) * np.repeat(s, bs, axis=1)[:, :hidden]
+    return np.abs(deq).reshape(q.shape[0], q.shape[1], per).sum(-1)
+
+
+def quantize_nbits(w: np.ndarray, bits: int, block_size: int, zero_point: str = "packed"):
+    """Block-quantize a float weight w [K, N] (MatMul layout) the way MatMulNBits stores it.
+
+    Returns (B uint8 [N, k_blocks, block_size * bits / 8], scales [N, k_blocks], zero_points or None):
+    `zero_point` "packed" (uint8, asymmetric), "float" (the scales' type, asymmetric) or "none"
+    (symmetric, implicit zero point 2^(bits-1)). K is padded to whole blocks with zeros.
+    """
+    k, n = w.shape
+    kb = -(-k // block_size)
+    wt = np.zeros((n, kb * block_size), np.float32)
+    wt[:, :k] = w.T
+    blocks = wt.reshape(n, kb, block_size)
+    top = (1 << bits) - 1
+    if zero_point == "none":
+        mid = 1 << (bits - 1)
+        scale = np.abs(blocks).max(-1) / max(mid - 1, 1)
+        scale[scale == 0] = 1.0
+        zp = np.full((n, kb), mid, np.float32)
+    else:
+        lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+        scale = (hi - lo) / top
+        scale[scale == 0] = 1.0
+        zp = np.clip(np.round(-lo / scale), 0, top)
+    codes = np.clip(np.round(blocks / scale[..., None] + zp[..., None]), 0, top).astype(np.uint8)
+    per = 8 // bits
+    shifts = (np.arange(per) * bits).astype(np.uint8)
+    packed = (codes.reshape(n, kb, -1, per) << shifts).sum(-1).astype(np.uint8)
+    if zero_point == "packed":
+        zpad = np.zeros((n, -(-kb // per) * per), np.uint8)
+        zpad[:, :kb] = zp.astype(np.uint8)
+        zps = (zpad.reshape(n, -1, per) << shifts).sum(-1).astype(np.uint8)
+    elif zero_point == "float":
+        zps = zp.astype(np.float32)
+    else:
+        zps = None
+    return packed, scale.astype(np.float32), zps

@@ -180,8 +180,12 @@ def _check_at_scale(masked: onnx.ModelProto, pruned: onnx.ModelProto, slices: di
 
 
 def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: DependencyGraph, plan, groups,
-                           batches=(1, 5), seed: int = 0, rtol: float = 1e-4, sizes=SYNTHETIC_SIZES) -> dict:
-    """Run masked original and pruned model on the same inputs; report the worst error."""
+                           batches=(1, 5), seed: int = 0, rtol: float = 1e-4, sizes=SYNTHETIC_SIZES,
+                           feeds: dict | None = None) -> dict:
+    """Run masked original and pruned model on the same inputs; report the worst error.
+
+    `feeds` (the user's inputs, --verify-inputs) replace the synthetic ones: one run, reported as
+    "inputs"."""
     labels = plan.removed_labels(groups)
     masked = masked_model(original, dg, labels)
     results = {}
@@ -199,13 +203,20 @@ def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: Depende
     if float_masked is not masked:  # fake-quantized activations: compare without their rounding
         masked, pruned = float_masked, bypass_activation_qdq(pruned)
         results["quantized_activations"] = "compared without activation Q/DQ rounding"
+    from .oprules.nbits import float_activation_nbits
+
+    if float_activation_nbits(masked) is not masked:  # MatMulNBits' on-the-fly int8 activations: compare in float
+        masked, pruned = float_activation_nbits(masked), float_activation_nbits(pruned)
+        results["quantized_activations"] = "MatMulNBits compared with float activations (accuracy_level 0)"
     exact_masked = exact_integer_matmuls(masked)
     if exact_masked is not masked:  # integer matmuls: exact arithmetic, not saturating kernels
         masked, pruned = exact_masked, exact_integer_matmuls(pruned)
         results["quantized_activations"] = "integer matmuls compared in exact arithmetic"
-    for b in batches:
-        feeds, size = _original_runs(original, masked, b, seed + b, sizes)
-        sizes = (size,)  # the other batches use the size that ran
+    given = feeds
+    for b in (["inputs"] if given is not None else batches):
+        if given is None:
+            feeds, size = _original_runs(original, masked, b, seed + b, sizes)
+            sizes = (size,)  # the other batches use the size that ran
         cmp = compare_sliced(masked, pruned, feeds, slices, optimize=optimize)
         if cmp["max_rel"] > rtol and np.isfinite(cmp["max_rel"]):
             # some graphs are ill-conditioned in float32 (saturated sigmoids, deep nets with large
@@ -215,7 +226,7 @@ def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: Depende
             noise = compare_outputs(run_model(masked, feeds), run_model(masked, feeds, optimize=False))["max_rel"]
             cmp["noise_floor"] = noise
             cmp["within_noise"] = bool(cmp["max_rel"] <= NOISE_FACTOR * noise)
-        results[f"batch{b}"] = cmp
+        results[f"batch{b}" if given is None else "inputs"] = cmp
         ok = ok and (cmp["max_rel"] <= rtol or cmp.get("within_noise", False))
     results["equivalent"] = ok
     return results

@@ -37,7 +37,12 @@ class VerifyPass(Pass):
             "params_ratio": after.params / before.params if before.params else 1.0,
         })
         if ctx.option("verify", False):
+            from graphprune.runtime import load_verify_inputs
             from graphprune.verify import check_mask_equivalence
 
-            ctx.report["oracle"] = check_mask_equivalence(ctx.original, proto, ctx.dependency, ctx.plan, ctx.groups)
+            given = ctx.option("verify_inputs", None)
+            feeds = None if given is None else load_verify_inputs(given, ctx.original.to_proto(infer=False,
+                                                                                               materialize_data=False))
+            ctx.report["oracle"] = check_mask_equivalence(ctx.original, proto, ctx.dependency, ctx.plan, ctx.groups,
+                                                          feeds=feeds)
         return PassResult()

@@ -196,7 +196,21 @@ def test_fused_attention_with_cache(kind, hq, hkv):
         assert _attr(res.model, "GroupQueryAttention", "num_heads") == [kept_kv * hq // hkv]
 
 
-@pytest.mark.parametrize("kind", ["mha-attn-bias", "gqa-packed"])
+def test_gqa_packed_qkv_prunes_whole_kv_groups():
+    """Packed QKV (key and value absent, query holds Q, K, V heads): graphprune/oprules/llm.py."""
+    model = build("gqa", 4, 2, past=True)
+    g = model.graph
+    node = next(n for n in g.node if n.op_type == "GroupQueryAttention")
+    g.node.insert(0, helper.make_node("Concat", ["q", "k", "v"], ["qkv"], axis=2))
+    node.input[0], node.input[1], node.input[2] = "qkv", "", ""
+    res = graphprune.prune(model, target_flops=0.6, round_to=1, uniform=True, prune_kv_cache=True, verify=True)
+    assert res.report["oracle"]["equivalent"], res.report["oracle"]
+    check_pruned(model, res, SIZES_PAST)
+    hq = _attr(res.model, "GroupQueryAttention", "num_heads")[0]
+    assert hq < 4 and _attr(res.model, "GroupQueryAttention", "kv_num_heads") == [hq // 2]
+
+
+@pytest.mark.parametrize("kind", ["mha-attn-bias"])
 def test_unsupported_forms_pinned_not_broken(kind):
     if kind == "mha-attn-bias":
         model = build("mha", attn_bias=True)

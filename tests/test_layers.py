@@ -19,7 +19,7 @@ LAYERS = {
            "calibration", "compare"},
     "analysis": {"roles", "rule_context", "dependency", "cost", "pipeline"},
     "oprules": {"oprules", "oprules.*"},
-    "passes": {"passes", "passes.*", "options", "activations", "fidelity", "verify", "verify_io", "api"},
+    "passes": {"passes", "passes.*", "options", "activations", "fidelity", "verify", "verify_io", "api", "deploy"},
     "measure": {"backends", "backends.*", "bench", "latency", "latency.*", "report_html"},
     "cli": {"cli", "__main__", ""},  # "" is the package itself (graphprune/__init__.py re-exports the API)
 }

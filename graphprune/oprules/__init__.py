@@ -8,6 +8,8 @@ from .contrib import register_contrib_rules
 from .quant import register_quant_rules
 from .recurrent import register_recurrent_rules
 from .fill import register_fill_rules
+from .llm import register_llm_rules
+from .nbits import register_nbits_rules
 from .norm import register_norm_rules
 from .spatial import register_spatial_rules
 from .rules import BROADCAST_OPS, UNARY_OPS, register_builtin_rules
@@ -24,6 +26,8 @@ register_recurrent_rules(_GLOBAL)
 register_fill_rules(_GLOBAL)
 register_norm_rules(_GLOBAL)
 register_spatial_rules(_GLOBAL)
+register_llm_rules(_GLOBAL)
+register_nbits_rules(_GLOBAL)
 
 
 def default_registry() -> OpRuleRegistry:

@@ -8,7 +8,7 @@ from ..graph import tensor_shape
 from ..roles import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE
 from .base import OpRule, RuleContext, WeightLayout
 
-__all__ = ["Gemm", "MatMul", "Einsum"]
+__all__ = ["Gemm", "MatMul", "Einsum", "matmul_cost_terms"]
 
 
 class Gemm(OpRule):
@@ -85,12 +85,17 @@ class MatMul(OpRule):
         return WeightLayout("matmul", 1, -1, -2, x=0, x_axis=-1)
 
     def cost_terms(self, node: gs.Node, spatial: dict | None = None) -> list[CostTerm]:
-        a, b = _operands(node)
-        if a is None:
-            return []
-        y = node.outputs[0]
-        axes = [(y.name, k) for k in range(len(tensor_shape(y)))] + [(a.name, len(tensor_shape(a)) - 1)]
-        return [CostTerm(node.name or y.name, 1.0, axes)]  # numpy matmul: prod(output) * K
+        return matmul_cost_terms(node)
+
+
+def matmul_cost_terms(node: gs.Node) -> list[CostTerm]:
+    """numpy matmul A[..., K] @ B: prod(output) * K (also for MatMulInteger / MatMulNBits)."""
+    a, b = _operands(node)
+    if a is None:
+        return []
+    y = node.outputs[0]
+    axes = [(y.name, k) for k in range(len(tensor_shape(y)))] + [(a.name, len(tensor_shape(a)) - 1)]
+    return [CostTerm(node.name or y.name, 1.0, axes)]
 
 
 class Einsum(OpRule):
