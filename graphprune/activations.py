@@ -49,6 +49,8 @@ class ContractionView:
     channels: int = 0         # size of x's channel axis
     elements: int = 0         # size of the weight's reduce axis
     output: str = ""
+    w_out_axis: int = 0       # the weight's output-channel axis (conv)
+    y_axis: int = -1          # the output's channel axis
 
     @property
     def kernel_size(self) -> int:
@@ -73,14 +75,15 @@ class ContractionView:
     def weight_matrix(self, w: np.ndarray) -> np.ndarray:
         """W as [outputs, features] so that y = W @ feature_vector (alpha included)."""
         if self.kind == "conv":
-            return w.reshape(w.shape[0], -1)
+            return np.moveaxis(w, self.w_out_axis, 0).reshape(w.shape[self.w_out_axis], -1)
         if self.kind == "gemm":
             return self.alpha * (w if self.trans_b else w.T)
         return w.T   # matmul: W[K, N]
 
     def from_weight_matrix(self, m: np.ndarray, like: np.ndarray) -> np.ndarray:
         if self.kind == "conv":
-            return m.reshape(like.shape).astype(like.dtype)
+            moved = np.moveaxis(like, self.w_out_axis, 0).shape
+            return np.moveaxis(m.reshape(moved), 0, self.w_out_axis).astype(like.dtype)
         if self.kind == "gemm":
             m = m / self.alpha
             return (m if self.trans_b else m.T).astype(like.dtype)
@@ -177,7 +180,7 @@ def view_for(node: gs.Node, weight: gs.Constant, axis: int, opset: int = 0) -> C
             kind, pads = "conv", _conv_pads(node, xs, kernel, strides, dilations)
         return ContractionView(node.name, node.op, weight.name, axis, x.name, lay.x_axis, kind, kernel, strides,
                                dilations, pads, lay.groups, channels=int(xs[lay.x_axis]), elements=int(shape[axis]),
-                               output=out)
+                               output=out, w_out_axis=lay.out_axis, y_axis=lay.y_axis)
     if isinstance(x, gs.Constant):
         return None
     if lay.kind == "gemm":

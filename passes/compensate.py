@@ -348,7 +348,7 @@ def _residual_partner(graph: gs.Graph, view: ContractionView, kept: dict):
                 stack.extend(prod.inputs)
     else:
         return None
-    axis = 1 if view.kind == "conv" else len(ss) - 1
+    axis = view.y_axis % len(ss)
     return s.name, axis, kept.get((s.name, axis))
 
 

@@ -55,6 +55,7 @@ class WeightLayout:
     in_axis: int              # weight axis contracted with the activation's channels
     x: int = 0                # input index of the activation
     x_axis: int = 1           # the activation's channel axis
+    y_axis: int = -1          # the output's channel axis
     groups: int = 1
     in_per_group: bool = True
     kernel_axes: tuple = ()   # weight axes of the kernel window

@@ -91,7 +91,7 @@ class Conv(OpRule):
             return None
         w_out, w_in = self.weight_axes()
         rank = len(node.inputs[1].shape or ())
-        return WeightLayout("conv_transpose" if self.transposed else "conv", 1, w_out, w_in, x=0, x_axis=1,
+        return WeightLayout("conv_transpose" if self.transposed else "conv", 1, w_out, w_in, x=0, x_axis=1, y_axis=1,
                             groups=int(node.attrs.get("group", 1)), in_per_group=not self.transposed,
                             kernel_axes=tuple(range(2, rank)), bias=2)
 

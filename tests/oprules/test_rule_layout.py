@@ -107,7 +107,7 @@ def test_weight_layout_output_channels(case):
     lay = _layout(model)
     xv = synthetic_inputs(model, batch=1, seed=2)["x"]
     w = _weight(model)
-    y_axis = 1 if lay.kind.startswith("conv") else -1
+    y_axis = lay.y_axis  # the output channel axis the layout states
     n_out = w.shape[lay.out_axis] * (1 if lay.in_per_group else lay.groups)
     base = run_model(model, {"x": xv}, optimize=False)[0]
     assert base.shape[y_axis] == n_out
