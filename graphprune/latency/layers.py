@@ -8,13 +8,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..oprules import WeightLayout, rule_for
 from ..pipeline import PruneContext
 from ..roles import WEIGHT_ROLES
 
 __all__: list[str] = []
-
-
-_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
@@ -32,6 +30,7 @@ class _Layer:
     w_shape: list
     w_dtype: np.dtype
     axes: dict  # weight axis -> elements per channel of the group
+    layout: WeightLayout = None  # from the op rule
 
     def shapes_at(self, removed: int) -> "tuple[list, list, dict] | None":
         """(x shape, weight shape, attrs) with `removed` channels of the group gone."""
@@ -41,25 +40,19 @@ class _Layer:
         if any(d < 1 for d in w):
             return None
         x, attrs = list(self.x_shape), dict(self.attrs)
-        if self.op in ("Conv", "ConvTranspose"):
-            groups = int(attrs.get("group", 1))
-            cin_axis = 1 if self.op == "Conv" else 0
-            cout_per_group_axis = 0 if self.op == "Conv" else 1
-            depthwise = groups > 1 and groups == self.x_shape[1] and (
-                self.w_shape[1] == 1 if self.op == "Conv" else self.w_shape[0] == groups)
-            if depthwise:
-                groups = w[cout_per_group_axis] if self.op == "Conv" else w[0]
-                if self.op == "Conv":
-                    w[1] = 1
+        lay = self.layout
+        if lay.groups > 1:  # the op rule's weight layout: which axis counts channels per group
+            groups = lay.groups
+            if lay.is_depthwise(self.w_shape, self.x_shape[lay.x_axis]):
+                groups = w[lay.out_axis] if lay.in_per_group else w[lay.in_axis]
+                if lay.in_per_group:
+                    w[lay.in_axis] = 1
                 attrs["group"] = groups
-            x[1] = w[cin_axis] * groups if self.op == "Conv" else w[0]
-            if self.op == "Conv" and w[0] % groups:
+            x[lay.x_axis] = w[lay.in_axis] * groups if lay.in_per_group else w[lay.in_axis]
+            if lay.in_per_group and w[lay.out_axis] % groups:
                 return None
-        elif self.op == "Gemm":
-            k_axis_b = 1 if int(attrs.get("transB", 0)) else 0
-            x[0 if int(attrs.get("transA", 0)) else 1] = w[k_axis_b]
-        else:  # MatMul x @ W
-            x[-1] = w[-2] if len(w) >= 2 else w[0]
+        else:
+            x[lay.x_axis] = w[lay.in_axis]
         return x, w, attrs
 
 
@@ -94,8 +87,10 @@ def _group_layers(ctx: PruneContext, group, symbols: dict, batch: int, seq: int)
             continue
         per = float(np.mean([len(ix) for ix in m.indices])) if m.indices else 0.0
         for node in t.outputs:
-            if node.op not in _LAYER_OPS or len(node.inputs) < 2 or node.inputs[1] is not t:
-                if node.op not in ("BatchNormalization", "Add", "Mul", "Sub", "Div", "PRelu"):
+            rule = rule_for(node, ctx.model.opset)
+            lay = rule.weight_layout(node) if rule is not None else None
+            if lay is None or len(node.inputs) <= lay.weight or node.inputs[lay.weight] is not t:
+                if rule is None or rule.cost_terms(node):  # per-channel parameters (BN, Add, Mul): no MACs
                     skipped.append(f"{node.name or node.op}: {node.op} not timed")
                 continue
             node_key = node.name or f"{node.op}->{node.outputs[0].name}"
@@ -106,15 +101,15 @@ def _group_layers(ctx: PruneContext, group, symbols: dict, batch: int, seq: int)
                 if x_shape is None or w_shape is None:
                     skipped.append(f"{node.name}: shape unknown")
                     continue
-                if node.op == "MatMul" and len(w_shape) != 2:
-                    skipped.append(f"{node.name}: batched MatMul weight not timed")
+                if len(w_shape) != 2 + len(lay.kernel_axes):
+                    skipped.append(f"{node.name}: batched {node.op} weight not timed")
                     continue
                 dtype = np.dtype(np.asarray(t.values).dtype)
                 if dtype not in _NP_TO_ONNX:
                     skipped.append(f"{node.name}: {dtype} weight not timed")
                     continue
                 attrs = {k: v for k, v in node.attrs.items() if not isinstance(v, (gs.Tensor, gs.Graph))}
-                layer = by_node[node_key] = _Layer(node_key, node.op, attrs, x_shape, w_shape, dtype, {})
+                layer = by_node[node_key] = _Layer(node_key, node.op, attrs, x_shape, w_shape, dtype, {}, lay)
             layer.axes[m.axis % len(layer.w_shape)] = layer.axes.get(m.axis % len(layer.w_shape), 0.0) + per
     return list(by_node.values()), sorted(set(skipped))
 
