@@ -206,4 +206,4 @@ def analyze(model: "str | os.PathLike | onnx.ModelProto", *, registry: OpRuleReg
     shape = PruneOptions.spec("shape").check("shape", shape)
     ctx = _context(model, registry, {"policy": policy or {}, "shape": shape}, False)
     (pipeline or analysis_pipeline()).run(ctx)
-    return AnalysisResult(ctx.groups, ctx.dependency.pinned, model_cost(ctx.model, shape), ctx)
+    return AnalysisResult(ctx.groups, ctx.dependency.pinned, model_cost(ctx.model, shape=shape), ctx)

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from .argtypes import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, ArgParser, number_in
-from .errors import BadInputError, GraphpruneError
 from .cost import format_shape
+from .errors import BadInputError, GraphpruneError
 from .options import ANALYZE, PRUNE, add_option_arguments, check_ratio, options_from_args
 from .roles import WEIGHT_ROLES
 

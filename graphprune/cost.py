@@ -1,7 +1,8 @@
 """Cost model: multiply-accumulates (MACs) and parameters, per node and in total.
 
 Costs are products of axis sizes, so the allocator can update them as channels go:
-a term is `coef * prod(size of each listed dimension)`.
+a term is `coef * prod(size of each listed dimension)`. Each op's terms come from its rule
+(`OpRule.cost_terms`); this module sums them.
 """
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .dependency import installed_registry
 from .graph import Model, tensor_shape
-from .graph import tensor_shape as _declared_shape
 
-__all__ = ["CostTerm", "node_cost_terms", "param_cost_terms", "model_cost", "CostSummary", "input_shapes",
-           "concrete_shapes", "format_shape", "DEFAULT_BATCH", "DEFAULT_IMAGE_SIZE", "DEFAULT_SEQUENCE"]
+__all__ = ["CostTerm", "static_size", "volume", "node_cost_terms", "param_cost_terms", "model_cost", "CostSummary",
+           "input_shapes", "concrete_shapes", "concrete_shape", "format_shape", "DEFAULT_BATCH", "DEFAULT_IMAGE_SIZE",
+           "DEFAULT_SEQUENCE"]
 
 
 @dataclass
@@ -26,12 +28,21 @@ class CostTerm:
     axes: list = field(default_factory=list)
 
 
-def _static(d) -> int:
+def static_size(d) -> int:
+    """A static axis size, or 1 for a dynamic / unknown one."""
     return d if isinstance(d, int) and d > 0 else 1
 
 
-def _vol(shape) -> float:
-    return float(np.prod([_static(d) for d in shape])) if shape else 1.0
+def volume(shape) -> float:
+    """Product of the static sizes of `shape` (dynamic axes count as 1)."""
+    return float(np.prod([static_size(d) for d in shape])) if shape else 1.0
+
+
+_static = static_size
+
+
+def _rule(node: gs.Node, opset: int, registry):
+    return registry.lookup(node.domain or "", node.op, opset)
 
 
 # Default input shape for dynamic axes (the shape MACs are counted at unless given): batch 1,
@@ -89,21 +100,26 @@ def input_shapes(model: Model, given: dict | None = None) -> dict[str, tuple[int
     return out
 
 
-def _needs_concrete(model: Model) -> bool:
+def _needs_concrete(model: Model, registry) -> bool:
+    """Whether a costed node (one whose rule states MACs) touches a tensor with a dynamic axis."""
     for node in model.graph.nodes:
-        if node.op in _COSTED:
-            for t in (*node.inputs, *node.outputs):
-                shape = tensor_shape(t) if t.name else ()
-                if shape is not None and not all(isinstance(d, int) and d > 0 for d in shape):
+        for t in (*node.inputs, *node.outputs):
+            shape = tensor_shape(t) if t.name else ()
+            if shape is not None and not all(isinstance(d, int) and d > 0 for d in shape):
+                if node_cost_terms(node, opset=model.opset, registry=registry):
                     return True
+                break
     return False
 
 
-_COSTED = ("Conv", "ConvTranspose", "ConvInteger", "LSTM", "GRU", "RNN", "Attention", "Gemm", "MatMul",
-           "MatMulInteger", "MatMulNBits")
+def concrete_shape(t: gs.Tensor, shapes: dict | None):
+    """`t`'s shape at the concrete input shape where `shapes` (see concrete_shapes) has it, else
+    its declared one (dynamic axes as str/None): what op rules cost with."""
+    s = (shapes or {}).get(t.name) if t.name else None
+    return s if s is not None else tensor_shape(t)
 
 
-def concrete_shapes(model: Model, given: dict | None = None) -> dict[str, tuple[int, ...]]:
+def concrete_shapes(model: Model, given: dict | None = None, registry=None) -> dict[str, tuple[int, ...]]:
     """{tensor: static shape} at the concrete input shape (see input_shapes): onnx shape inference
     with data propagation, then graphprune's refinement (shape sub-graphs evaluated), on a copy
     whose inputs are fixed. Folded axes (heads or windows merged into the batch axis) and dynamic
@@ -114,7 +130,8 @@ def concrete_shapes(model: Model, given: dict | None = None) -> dict[str, tuple[
     if cached is not None and cached[0] is model.graph and cached[1] == key:
         return cached[2]
     out: dict[str, tuple] = {}
-    if given or _needs_concrete(model):
+    registry = registry if registry is not None else installed_registry()
+    if given or _needs_concrete(model, registry):
         shapes = input_shapes(model, given)
         try:
             proto = model.to_proto(infer=False, materialize_data=False)
@@ -138,58 +155,17 @@ def concrete_shapes(model: Model, given: dict | None = None) -> dict[str, tuple[
     return out
 
 
-def spatial_hints(model: Model, given: dict | None = None) -> dict[str, tuple]:
+def spatial_hints(model: Model, registry=None, given: dict | None = None) -> dict[str, tuple]:
     """Concrete shapes for node_cost_terms (kept under its earlier name): see concrete_shapes."""
-    return concrete_shapes(model, given)
+    return concrete_shapes(model, given, registry)
 
 
-def node_cost_terms(node: gs.Node, spatial: dict | None = None) -> list[CostTerm]:
-    """MACs of one node; `spatial`: {tensor: concrete shape} (see concrete_shapes) for dynamic
-    axes, which count as 1 where it has none."""
-    known = spatial or {}
-
-    def tensor_shape(t):  # noqa: F811 - the concrete shape where known
-        return known.get(t.name) or _declared_shape(t)
-
-    op = node.op
-    name = node.name or node.outputs[0].name
-    ins = [t if t.name else None for t in node.inputs]
-    if op in ("Conv", "ConvTranspose", "ConvInteger") and len(ins) > 1 and ins[1] is not None:
-        x, w, y = ins[0], ins[1], node.outputs[0]
-        ws, ys, xs = tensor_shape(w), tensor_shape(y), tensor_shape(x)
-        if ws is None or ys is None or xs is None:
-            return []
-        spatial = ys[2:] if op == "Conv" else xs[2:]
-        coef = _vol(spatial) * _static(ys[0]) * _vol(ws[2:])
-        return [CostTerm(name, coef, [(w.name, 0), (w.name, 1)])]
-    if op in ("LSTM", "GRU", "RNN") and len(ins) > 2 and ins[1] is not None and ins[2] is not None:
-        # per time step and direction: x . W^T and h . R^T (sequence and batch counted as 1 when dynamic)
-        xs = tensor_shape(ins[0])
-        steps = _static(xs[0]) * _static(xs[1]) if xs is not None and len(xs) == 3 else 1.0
-        w, r = ins[1], ins[2]
-        return [CostTerm(name, steps, [(w.name, 0), (w.name, 1), (w.name, 2)]),
-                CostTerm(name, steps, [(r.name, 0), (r.name, 1), (r.name, 2)])]
-    if op == "Attention" and (node.domain or "") == "com.microsoft" and len(ins) > 1 and ins[1] is not None:
-        x, w = ins[0], ins[1]
-        xs = tensor_shape(x)
-        if xs is None or len(xs) != 3:
-            return []
-        return [CostTerm(name, _static(xs[0]) * _static(xs[1]), [(w.name, 0), (w.name, 1)])]
-    if op in ("Gemm", "MatMul", "MatMulInteger", "MatMulNBits") and len(ins) > 1 and ins[0] is not None and ins[1] is not None:
-        a, b, y = ins[0], ins[1], node.outputs[0]
-        as_, bs, ys = tensor_shape(a), tensor_shape(b), tensor_shape(y)
-        if as_ is None or bs is None or ys is None or len(as_) < 1 or len(bs) < 1:
-            return []
-        if op == "Gemm":
-            ta, tb = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
-            m_ax, k_ax = (1, 0) if ta else (0, 1)
-            n_ax = 0 if tb else 1
-            return [CostTerm(name, 1.0, [(a.name, m_ax), (a.name, k_ax), (b.name, n_ax)])]
-        # numpy matmul: prod(output) * K
-        ry = len(ys)
-        axes = [(y.name, k) for k in range(ry)] + [(a.name, len(as_) - 1)]
-        return [CostTerm(name, 1.0, axes)]
-    return []
+def node_cost_terms(node: gs.Node, spatial: dict | None = None, *, opset: int = 0, registry=None) -> list[CostTerm]:
+    """MACs of one node, as its op rule states them; `spatial`: {tensor: concrete shape} (see
+    concrete_shapes, read with concrete_shape) for dynamic axes, which count as 1 where it has none.
+    `registry`: the op rules to ask (default: the installed ones; pass it when costing many nodes)."""
+    rule = _rule(node, opset, registry if registry is not None else installed_registry())
+    return rule.cost_terms(node, spatial) if rule is not None else []
 
 
 def param_cost_terms(model: Model) -> list[CostTerm]:
@@ -233,11 +209,12 @@ def _term_value(term: CostTerm, sizes) -> float:
     return v
 
 
-def model_cost(model: Model, shape: dict | None = None) -> CostSummary:
+def model_cost(model: Model, registry=None, shape: dict | None = None) -> CostSummary:
     """MACs and parameters at the concrete input shape: `shape` ({input: dims}) where given, the
     documented defaults (input_shapes) for other dynamic axes."""
     tensors = model.graph.tensors()
-    hints = concrete_shapes(model, shape)
+    registry = registry if registry is not None else installed_registry()
+    hints = concrete_shapes(model, shape, registry)
 
     def size(t, ax):
         s = hints.get(t) or (tensor_shape(tensors[t]) if t in tensors else None)
@@ -245,7 +222,7 @@ def model_cost(model: Model, shape: dict | None = None) -> CostSummary:
 
     per_node = {}
     for node in model.graph.nodes:
-        for term in node_cost_terms(node, hints):
+        for term in node_cost_terms(node, hints, opset=model.opset, registry=registry):
             per_node[term.node] = per_node.get(term.node, 0.0) + _term_value(term, size)
     params = sum(_term_value(t, size) for t in param_cost_terms(model))
     try:

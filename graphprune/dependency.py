@@ -21,7 +21,7 @@ from .roles import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, WEIGHT_ROLES
 from .rule_context import RuleContext
 
 __all__ = ["Dim", "GroupMember", "ChannelGroup", "PinnedSet", "DependencyGraph", "analyze_dependencies",
-           "set_default_registry", "ROLE_OUT", "ROLE_REDUCE", "ROLE_PARAM"]
+           "set_default_registry", "installed_registry", "ROLE_OUT", "ROLE_REDUCE", "ROLE_PARAM"]
 
 # The op rules live one layer up (graphprune.oprules imports this module), so the registry an
 # analysis uses is handed in by the caller; without one, the factory installed by the package
@@ -33,6 +33,13 @@ def set_default_registry(factory: "Callable[[], object]") -> None:
     """Install the factory :class:`DependencyGraph` calls when no registry is handed in."""
     global _default_registry
     _default_registry = factory
+
+
+def installed_registry():
+    """A registry from the installed factory (the analysis layer's way to reach the op rules)."""
+    if _default_registry is None:
+        raise RuntimeError("no op-rule registry: pass one (graphprune.default_registry())")
+    return _default_registry()
 
 
 @dataclass(frozen=True)

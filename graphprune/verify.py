@@ -8,12 +8,11 @@ import onnx_graphsurgeon as gs
 from .dependency import DependencyGraph, Dim
 from .compare import compare_outputs
 from .graph import Model
-from .oprules.quant import bypass_activation_qdq, exact_integer_matmuls
+from .oprules.quant import QUANTIZED_OPS, bypass_activation_qdq, exact_integer_matmuls
 from .quantized import zero_fill
 from .roles import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE
 from .runtime import run_model, synthetic_inputs
 
-_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
 NOISE_FACTOR = 4.0  # an oracle error within this factor of float32 reordering noise passes
 
 __all__ = ["masked_model", "check_mask_equivalence", "compare_outputs"]
@@ -200,7 +199,7 @@ def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: Depende
     # quantized models run unfused: onnxruntime's fusions (QDQ -> integer kernels, DynamicQuantizeLinear
     # + MatMulInteger -> DynamicQuantizeMatMul) quantize differently where the masked reference's extra
     # Gather/Where nodes stop a fusion
-    optimize = not any(n.op_type in _QUANT_OPS for n in masked.graph.node)
+    optimize = not any(n.op_type in QUANTIZED_OPS for n in masked.graph.node)
     if float_masked is not masked:  # fake-quantized activations: compare without their rounding
         masked, pruned = float_masked, bypass_activation_qdq(pruned)
         results["quantized_activations"] = "compared without activation Q/DQ rounding"

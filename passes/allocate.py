@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphprune.cost import node_cost_terms, param_cost_terms, spatial_hints
+from graphprune.dependency import installed_registry
 from graphprune.errors import BadInputError, NothingToPruneError
 from graphprune.options import PruneOptions
 from graphprune.pipeline import Pass, PassResult, PruneContext
@@ -37,8 +38,10 @@ class CostTracker:
         model = ctx.model
         self.sizes = np.array(dg.dim_size, dtype=np.float64)
         self.terms = {"macs": [], "params": []}
-        hints = spatial_hints(model, ctx.option("shape", None))  # the concrete shape MACs are counted at
-        terms = {"macs": [t for n in model.graph.nodes for t in node_cost_terms(n, hints)],
+        rules = installed_registry()  # the same rules model_cost asks
+        hints = spatial_hints(model, rules, ctx.option("shape", None))  # the concrete shape MACs are counted at
+        terms = {"macs": [t for n in model.graph.nodes for t in node_cost_terms(n, hints, opset=model.opset,
+                                                                                registry=rules)],
                  "params": param_cost_terms(model)}
         tensors = model.graph.tensors()
         from graphprune.graph import tensor_shape

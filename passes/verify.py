@@ -30,7 +30,7 @@ class VerifyPass(Pass):
             else:
                 raise exc
         shape = ctx.option("shape", None)
-        before, after = model_cost(ctx.original, shape), model_cost(ctx.model, shape)
+        before, after = model_cost(ctx.original, shape=shape), model_cost(ctx.model, shape=shape)
         ctx.report.update({
             "macs_before": int(before.macs), "macs_after": int(after.macs),
             "params_before": int(before.params), "params_after": int(after.params),

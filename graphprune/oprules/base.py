@@ -1,4 +1,26 @@
-"""Op-rule infrastructure: the rule interface, the context rules talk to, the registry."""
+"""Op-rule infrastructure: the rule interface, the context rules talk to, the registry.
+
+An :class:`OpRule` is the one home of what graphprune knows about an op. Only ``analyze`` is
+required; everything else has a default that means "nothing to say", so most rules stay small.
+
+- ``analyze(ctx)``: how the channels of the inputs map onto the outputs (ties, pins, roles,
+  factor blocks) through a :class:`RuleContext`. An axis it leaves alone is pinned (fail closed).
+- ``rewrite(rctx)``: fix attributes and shape constants after channels were removed.
+- ``shape_inputs``: input positions that carry shapes or indices, not data.
+- ``cost_terms(node, spatial)``: the node's multiply-accumulates as :class:`CostTerm` products
+  of axis sizes (default: none). ``spatial`` maps a tensor name to its shape at the concrete input
+  shape, for axes that are dynamic (read it with ``cost.concrete_shape``; see ``cost.concrete_shapes``); ``spatial_tensor(node)`` names the
+  tensor whose spatial axes the cost counts (default: none).
+- ``weight_layout(node)``: the contraction view of a weighted op as a :class:`WeightLayout`
+  (which input is the weight, which of its axes hold output and input channels, groups,
+  transposes, the bias input). Cost, activation statistics, compensation and latency tables read
+  it; ``None`` (the default) means the op has no weight it contracts with an activation.
+- ``scale_inputs``: input positions whose per-channel constants multiply the channel (a BN / norm
+  scale, a Mul constant); the bn-scale criterion scores those.
+
+Rules are looked up per node with :func:`rule_for`; a rule registered as a plain function
+(:func:`register_op_rule`) keeps the cost, layout and roles of the rule it replaces.
+"""
 from __future__ import annotations
 
 import copy
@@ -9,14 +31,56 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..cost import CostTerm
 from ..graph import const_values, tensor_shape
 from ..rule_context import FactorBlock, RuleContext
 
-__all__ = ["OpRule", "RuleContext", "RewriteContext", "OpRuleRegistry", "FactorBlock", "register_op_rule"]
+__all__ = ["OpRule", "RuleContext", "RewriteContext", "OpRuleRegistry", "FactorBlock", "register_op_rule",
+           "WeightLayout", "rule_for", "with_scales"]
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """How a weighted op contracts its weight with an activation (its contraction view).
+
+    ``kind`` names the contraction ("conv": im2col columns in the weight's ``W.reshape(O, -1)``
+    order; "conv_transpose"; "gemm"; "matmul": ``x[..., K] @ W[..., K, N]``). Axes may be negative
+    (from the end). With ``groups > 1`` one of the channel axes counts channels per group: the
+    input axis when ``in_per_group`` (Conv), else the output axis (ConvTranspose).
+    """
+
+    kind: str
+    weight: int               # input index of the weight
+    out_axis: int             # weight axis of the output channels
+    in_axis: int              # weight axis contracted with the activation's channels
+    x: int = 0                # input index of the activation
+    x_axis: int = 1           # the activation's channel axis
+    y_axis: int = -1          # the output's channel axis
+    groups: int = 1
+    in_per_group: bool = True
+    kernel_axes: tuple = ()   # weight axes of the kernel window
+    trans_b: int = 0          # gemm: the weight is stored [N, K]
+    alpha: float = 1.0        # gemm: scale of the product
+    bias: int | None = None   # input index of an additive per-output bias (None: no bias input)
+    bias_scale_attr: str | None = None  # attribute that scales the bias (Gemm's beta)
+
+    def input_channels(self, w_shape) -> int:
+        """Channels of the activation that a weight of this shape contracts."""
+        n = int(w_shape[self.in_axis])
+        return n * self.groups if self.in_per_group else n
+
+    def inputs_per_group(self, w_shape) -> int:
+        n = int(w_shape[self.in_axis])
+        return n if self.in_per_group else n // max(self.groups, 1)
+
+    def is_depthwise(self, w_shape, x_channels) -> bool:
+        """One input channel per group, as many groups as input channels."""
+        return self.groups > 1 and self.groups == x_channels and self.inputs_per_group(w_shape) == 1
 
 
 class OpRule:
-    """How one op maps the channels of its inputs onto its outputs.
+    """How one op maps the channels of its inputs onto its outputs, and what else graphprune
+    knows about it (cost, weight layout, roles; see the module docstring).
 
     `analyze` ties/pins/tags axes through the :class:`RuleContext`; any axis of size
     > 1 it leaves untouched is pinned (fail closed). `rewrite` fixes attributes and
@@ -24,6 +88,7 @@ class OpRule:
     """
 
     shape_inputs: tuple = ()  # input positions that carry shapes/indices, not data
+    scale_inputs: tuple = ()  # input positions whose per-channel constants scale the channel
 
     def analyze(self, ctx: "RuleContext") -> None:
         raise NotImplementedError
@@ -34,10 +99,34 @@ class OpRule:
     def is_shape_input(self, node: gs.Node, tensor: gs.Tensor) -> bool:
         return any(i < len(node.inputs) and node.inputs[i] is tensor for i in self.shape_inputs)
 
+    def cost_terms(self, node: gs.Node, spatial: dict | None = None) -> list[CostTerm]:
+        """MACs of `node` (batch counted as 1; dynamic axes as 1 unless `spatial` gives sizes)."""
+        return []
+
+    def spatial_tensor(self, node: gs.Node) -> gs.Tensor | None:
+        """The tensor whose spatial axes `cost_terms` counts (for spatial hints), if any."""
+        return None
+
+    def weight_layout(self, node: gs.Node) -> WeightLayout | None:
+        """The contraction view of `node`'s weight, or None for an op without one."""
+        return None
+
+
+def with_scales(rule: OpRule, inputs: tuple) -> OpRule:
+    """`rule` with `inputs` declared as per-channel scales (the bn-scale criterion's role)."""
+    rule.scale_inputs = tuple(inputs)
+    return rule
+
 
 class FunctionRule(OpRule):
-    def __init__(self, analyze: Callable, rewrite: Callable | None = None, shape_inputs: tuple = ()):
+    """A rule given as functions; cost, layout and roles come from `inherit` (the rule it replaced)."""
+
+    def __init__(self, analyze: Callable, rewrite: Callable | None = None, shape_inputs: tuple = (),
+                 inherit: OpRule | None = None):
         self._analyze, self._rewrite, self.shape_inputs = analyze, rewrite, shape_inputs
+        self._inherit = inherit
+        if inherit is not None:
+            self.scale_inputs = inherit.scale_inputs
 
     def analyze(self, ctx):
         self._analyze(ctx)
@@ -45,6 +134,15 @@ class FunctionRule(OpRule):
     def rewrite(self, rctx):
         if self._rewrite:
             self._rewrite(rctx)
+
+    def cost_terms(self, node, spatial=None):
+        return self._inherit.cost_terms(node, spatial) if self._inherit else []
+
+    def spatial_tensor(self, node):
+        return self._inherit.spatial_tensor(node) if self._inherit else None
+
+    def weight_layout(self, node):
+        return self._inherit.weight_layout(node) if self._inherit else None
 
 
 @dataclass
@@ -91,10 +189,16 @@ def register_op_rule(op_type: str, rule: "OpRule | Callable", *, domain: str = "
     Without `registry`, the rule goes to the global registry that every later analysis
     copies; pass a registry to keep it local to one run.
     """
+    reg = registry or _GLOBAL
     if not isinstance(rule, OpRule):
-        rule = FunctionRule(rule, rewrite)
-    (registry or _GLOBAL).register(op_type, rule, domain=domain, since=since, until=until)
+        rule = FunctionRule(rule, rewrite, inherit=reg.lookup(domain, op_type, since))
+    reg.register(op_type, rule, domain=domain, since=since, until=until)
     return rule
+
+
+def rule_for(node: gs.Node, opset: int = 0, registry: OpRuleRegistry | None = None) -> OpRule | None:
+    """The rule for `node` at `opset` (0: the newest registered) in `registry` (default: global)."""
+    return (registry or _GLOBAL).lookup(node.domain or "", node.op, opset)
 
 
 class RewriteContext:

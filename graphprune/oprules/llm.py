@@ -22,7 +22,7 @@ import numpy as np
 
 from .attention import FlatHeadsAttention
 from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
-from .rules import LayerNorm
+from .norm import LayerNorm
 
 __all__ = ["PackedGroupQueryAttention", "RotaryEmbedding", "register_llm_rules"]
 

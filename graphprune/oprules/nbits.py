@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
+from .linear import matmul_cost_terms
 
 __all__ = ["MatMulNBits", "GatherBlockQuantized", "float_activation_nbits", "register_nbits_rules"]
 
@@ -26,6 +27,9 @@ MS = "com.microsoft"
 
 
 class MatMulNBits(OpRule):
+    def cost_terms(self, node: gs.Node, spatial: dict | None = None):
+        return matmul_cost_terms(node)  # A[..., K] @ dequantized B[K, N]
+
     def analyze(self, ctx: RuleContext) -> None:
         a, b, scales, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
         zp, g_idx, bias = ctx.input(3), ctx.input(4), ctx.input(5)

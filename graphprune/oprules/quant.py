@@ -15,15 +15,21 @@ goes to the integer constant (see `RuleContext.role`), criteria read the dequant
 from __future__ import annotations
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from ..quantized import _DOMAINS, _axis, dequant_source, dequant_weight, dequantized, zero_fill
-from .base import OpRule, OpRuleRegistry, RuleContext
+from .base import OpRuleRegistry, RuleContext
+from .linear import MatMul
 
-__all__ = ["register_quant_rules", "dequant_source", "dequant_weight", "dequantized", "zero_fill",
+__all__ = ["QDQ_OPS", "QUANTIZE_OPS", "QUANTIZED_OPS", "register_quant_rules", "dequant_source", "dequant_weight",
+           "dequantized", "zero_fill",
            "bypass_activation_qdq"]
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+# ops that keep values quantized: constant folding leaves them (folding DequantizeLinear(int8 constant)
+# would silently turn a QDQ model's weights into float ones)
+QUANTIZE_OPS = QDQ_OPS + ("DynamicQuantizeLinear",)
+# every op of a quantized graph (onnxruntime fuses them in ways a masked reference can break)
+QUANTIZED_OPS = QUANTIZE_OPS + ("MatMulInteger", "ConvInteger")
 
 
 def _qdq(ctx: RuleContext) -> None:
@@ -76,14 +82,12 @@ def _dynamic_quantize(ctx: RuleContext) -> None:
         ctx.statistics(x, k)
 
 
-class _MatMulInteger(OpRule):
+class _MatMulInteger(MatMul):
     """MatMulInteger: MatMul on (A - a_zero_point) and (B - b_zero_point); a per-column B zero point
     ([N]) belongs to the output columns, a per-row A zero point ([M]) to A's rows."""
 
     def analyze(self, ctx: RuleContext) -> None:
-        from .rules import MatMul
-
-        MatMul().analyze(ctx)
+        super().analyze(ctx)
         a, b, y = ctx.input(0), ctx.input(1), ctx.output(0)
         for zp, t, axis in ((ctx.input(2), a, -2), (ctx.input(3), b, -1)):
             shape = ctx.shape(zp)
@@ -94,6 +98,9 @@ class _MatMulInteger(OpRule):
                 ctx.role(zp, 0, "param")
             else:
                 ctx.pin(zp, None, "zero point of an unknown layout")
+
+    def weight_layout(self, node: gs.Node):
+        return None  # integer operands: costed like a MatMul, no float contraction view
 
 
 def register_quant_rules(reg: OpRuleRegistry) -> None:

@@ -105,7 +105,7 @@ def test_matmulnbits_g_idx_pins_columns_bias_follows(oracle):
     assert {t.name: t.dims for t in res.model.graph.initializer}["fc1_b"][0] == _attr(res.model, "h", "N")
 
 
-INT4 = os.path.join(os.path.dirname(__file__), "data", "genai", "llama_int4")
+INT4 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "genai", "llama_int4")
 
 
 def test_builder_int4_folder(tmp_path):

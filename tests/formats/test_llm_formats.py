@@ -22,7 +22,7 @@ from graphprune.cli import main as cli_main
 from graphprune.deploy import graph_dimensions
 from graphprune.runtime import PAST_TOKENS, run_model, synthetic_inputs
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/
 ROOT = os.path.dirname(HERE)
 FIXTURES = {name: os.path.join(HERE, "data", "genai", name) for name in ("llama_fp32", "phi3_fp32")}
 GENAI_PYTHON = os.path.join(ROOT, ".venv-genai", "bin", "python")

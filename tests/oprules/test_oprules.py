@@ -12,7 +12,7 @@ import pytest
 import graphprune
 from graphprune.oprules import UNARY_OPS
 
-from conftest import assert_oracle, make_model
+from conftest import analyze_checked, assert_oracle, make_model
 
 PRUNE = dict(target_flops=0.6, round_to=1)
 
@@ -43,7 +43,7 @@ def sandwich(middle: str, extra: dict | None = None, *, c: int = 8, mid_c: int |
 
 
 def group_sizes(model, **kw) -> list[int]:
-    return sorted(g.size for g in graphprune.analyze(model, **kw).groups)
+    return sorted(g.size for g in analyze_checked(model, **kw).groups)
 
 
 def check(model, expected_groups: list[int] | None):

@@ -81,7 +81,7 @@ def test_kv_cache_attention_is_pinned_with_reason():
     analysis = graphprune.analyze(model)
     assert not [g for g in analysis.groups if g.kind == "heads"]
     assert any("KV-cache graph input past" in p.reason and "--prune-kv-cache" in p.reason for p in analysis.pinned)
-    # with the flag the heads are a group that includes the state's head axis (tests/test_attention_ops.py)
+    # with the flag the heads are a group that includes the state's head axis (tests/oprules/test_attention_ops.py)
     flagged = graphprune.analyze(model, prune_kv_cache=True)
     heads = [g for g in flagged.groups if g.kind == "heads"]
     assert len(heads) == 1 and {("past", 2), ("present", 2)} <= {(m.tensor, m.axis) for m in heads[0].members}

@@ -98,3 +98,18 @@ def test_registered_criterion_is_accepted():
 def test_width_switches_become_the_policy():
     o = PruneOptions.from_kwargs(target_flops=0.5, head_dim=True, prune_kv_cache=True, policy={"factor_outer": True})
     assert o.context_options()["policy"] == {"factor_outer": True, "head_dim": True, "prune_kv_cache": True}
+
+
+def test_bench_options_build_the_bench_and_prune_latency_groups():
+    from graphprune.bench import BenchOptions, build_parser as build_bench_parser
+
+    for parser in (build_bench_parser(), build_parser()):
+        actions = _actions(parser)
+        for f in dataclasses.fields(BenchOptions):
+            a = actions[f.name]
+            assert a.option_strings == ["--" + f.name]
+            assert a.default == ([] if f.name == "shape" else f.default), f.name
+    assert build_bench_parser().parse_args(["m.onnx", "--runs", "3"]).runs == 3
+    with pytest.raises(SystemExit) as exc:
+        build_bench_parser().parse_args(["m.onnx", "--runs", "0"])
+    assert exc.value.code == 2

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphprune
 from conftest import assert_oracle
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # models/ is a top-level package of the repository
     sys.path.insert(0, str(ROOT))
 
