@@ -134,7 +134,9 @@ def _upward(edges: dict[str, set[str]]) -> list[str]:
 
 
 def test_every_module_has_a_layer():
-    unplaced = sorted(m for m in _modules() if _layer(m) is None)
+    found = _modules()
+    assert {"", "dependency", "cli", "passes", "oprules"} <= set(found), f"sources not found under {ROOT}"
+    unplaced = sorted(m for m in found if _layer(m) is None)
     assert not unplaced, f"place these modules in tests/api/test_layers.py LAYERS: {unplaced}"
 
 
