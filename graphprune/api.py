@@ -99,7 +99,8 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
           calib=None, calib_samples: int = 128,
           calib_preprocess=None, calib_heldout: int | None = None, calib_batch_size: int = 8,
           compensate: str = "none", compensate_damp: float | None = None, fidelity: bool | None = None,
-          stats_memory: int | None = None, prune_hidden: bool = False, **options) -> PruneResult:
+          stats_memory: int | None = None, prune_hidden: bool = False, depth: bool = False,
+          drop_branches: int | None = None, branch_criterion: str = "cosine", **options) -> PruneResult:
     """Prune `model` to `target_flops` (fraction of MACs kept) and/or `target_params`.
 
     `registry` holds op rules (default: built-ins plus user-registered), `pipeline` the
@@ -125,6 +126,15 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
     same, and fidelity against the original is reported (on by default). `policy` also takes
     ``head_dim`` (prune every head's dimension uniformly).
     """
+    if depth or drop_branches is not None:  # residual branches go first, width pruning after (depth.py)
+        from .depth import prune_with_depth
+
+        return prune_with_depth(model, target_flops, target_params=target_params, depth=depth,
+                                drop_branches=drop_branches, branch_criterion=branch_criterion, protect=protect,
+                                seed=seed, verify=verify, calib=calib, criterion=criterion, round_to=round_to,
+                                min_keep=min_keep, uniform=uniform, registry=registry, pipeline=pipeline,
+                                progress=progress, policy=policy, gqa_uniform=gqa_uniform,
+                                prune_kv_cache=prune_kv_cache, prune_hidden=prune_hidden, **options)
     policy = dict(policy or {})
     if gqa_uniform:
         policy["gqa_uniform"] = True
