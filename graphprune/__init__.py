@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from .api import AnalysisResult, PruneResult, analysis_pipeline, analyze, default_pipeline, prune
-from .dependency import ChannelGroup, DependencyGraph, GroupMember
+from .dependency import ChannelGroup, DependencyGraph, GroupMember, set_default_registry
 from .errors import BadInputError, GraphpruneError, NothingToPruneError, PassError
 from .oprules import OpRule, OpRuleRegistry, RuleContext, RewriteContext, default_registry, register_op_rule
 from .passes import register_criterion, criterion_names
 from .pipeline import Pass, PassManager, PassResult, PruneContext
+
+set_default_registry(default_registry)  # the analysis layer does not import the op rules above it
 
 __version__ = "0.1.0"
 

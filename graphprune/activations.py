@@ -5,8 +5,8 @@ are folded into running sums and dropped, so memory holds the statistics (per-ch
 sums and second moments, one XᵀX per consumer), never the activations of the data set.
 
 A *consumer* is a node that contracts a weight's "reduce" axis with an activation (Conv,
-Gemm, MatMul). :class:`ContractionView` is the only place that knows how each of these
-ops lays out its features: for a Conv the features are the im2col columns (input channel
+Gemm, MatMul). :class:`ContractionView` is built from the op rule's weight layout
+(``OpRule.weight_layout``) and turns it into features: for a Conv the features are the im2col columns (input channel
 x kernel position, in the weight's ``W.reshape(O, -1)`` order), so XᵀX is the exact
 Hessian of the layer's least-squares output error; for Gemm/MatMul they are the
 contracted axis. Criteria and compensation see only feature matrices.
@@ -49,6 +49,8 @@ class ContractionView:
     channels: int = 0         # size of x's channel axis
     elements: int = 0         # size of the weight's reduce axis
     output: str = ""
+    w_out_axis: int = 0       # the weight's output-channel axis (conv)
+    y_axis: int = -1          # the output's channel axis
 
     @property
     def kernel_size(self) -> int:
@@ -73,14 +75,15 @@ class ContractionView:
     def weight_matrix(self, w: np.ndarray) -> np.ndarray:
         """W as [outputs, features] so that y = W @ feature_vector (alpha included)."""
         if self.kind == "conv":
-            return w.reshape(w.shape[0], -1)
+            return np.moveaxis(w, self.w_out_axis, 0).reshape(w.shape[self.w_out_axis], -1)
         if self.kind == "gemm":
             return self.alpha * (w if self.trans_b else w.T)
         return w.T   # matmul: W[K, N]
 
     def from_weight_matrix(self, m: np.ndarray, like: np.ndarray) -> np.ndarray:
         if self.kind == "conv":
-            return m.reshape(like.shape).astype(like.dtype)
+            moved = np.moveaxis(like, self.w_out_axis, 0).shape
+            return np.moveaxis(m.reshape(moved), 0, self.w_out_axis).astype(like.dtype)
         if self.kind == "gemm":
             m = m / self.alpha
             return (m if self.trans_b else m.T).astype(like.dtype)
@@ -149,46 +152,48 @@ def _im2col(x: np.ndarray, kernel, strides, dilations, pads) -> np.ndarray:
     return np.ascontiguousarray(win.transpose(order)).reshape(n * int(np.prod(out_sp)), c * int(np.prod(kernel)))
 
 
-def view_for(node: gs.Node, weight: gs.Constant, axis: int) -> ContractionView | None:
-    """The contraction view of `node` for its constant input `weight` reduced on `axis`."""
+def view_for(node: gs.Node, weight: gs.Constant, axis: int, opset: int = 0) -> ContractionView | None:
+    """The contraction view of `node` for its constant input `weight` reduced on `axis`, built from
+    the weight layout its op rule states."""
+    from .oprules import rule_for
+
+    rule = rule_for(node, opset)
+    lay = rule.weight_layout(node) if rule is not None else None
+    ins = list(node.inputs)
+    if lay is None or len(ins) <= max(lay.weight, lay.x) or ins[lay.weight] is not weight:
+        return None
     shape = tensor_shape(weight)
     axis = axis % len(shape)
-    ins = list(node.inputs)
     out = node.outputs[0].name if node.outputs else ""
-    if node.op in ("Conv", "ConvTranspose") and len(ins) >= 2 and ins[1] is weight:
-        x = ins[0]
+    x = ins[lay.x]
+    if lay.kind in ("conv", "conv_transpose"):
         xs = tensor_shape(x)
-        if xs is None or not isinstance(xs[1], int):
+        if xs is None or not isinstance(xs[lay.x_axis], int):
             return None
-        n = len(shape) - 2
-        kernel = tuple(int(k) for k in shape[2:])
+        n = len(lay.kernel_axes)
+        kernel = tuple(int(shape[k]) for k in lay.kernel_axes)
         strides = tuple(int(s) for s in node.attrs.get("strides", [1] * n))
         dilations = tuple(int(d) for d in node.attrs.get("dilations", [1] * n))
-        group = int(node.attrs.get("group", 1))
-        if node.op == "ConvTranspose" or any(not isinstance(d, int) for d in xs[2:]):
-            kind = "channel"
-            pads = ()
+        if lay.kind == "conv_transpose" or any(not isinstance(d, int) for d in xs[2:]):
+            kind, pads = "channel", ()
         else:
-            kind = "conv"
-            pads = _conv_pads(node, xs, kernel, strides, dilations)
-        return ContractionView(node.name, node.op, weight.name, axis, x.name, 1, kind, kernel, strides, dilations,
-                               pads, group, channels=int(xs[1]), elements=int(shape[axis]), output=out)
-    if node.op == "Gemm" and len(ins) >= 2:
-        ta, tb = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
-        if ins[1] is weight and not isinstance(ins[0], gs.Constant):
-            x = ins[0]
-            return ContractionView(node.name, node.op, weight.name, axis, x.name, 0 if ta else 1, "gemm",
-                                   trans_b=tb, alpha=float(node.attrs.get("alpha", 1.0)),
-                                   channels=int(shape[axis]), elements=int(shape[axis]), output=out)
+            kind, pads = "conv", _conv_pads(node, xs, kernel, strides, dilations)
+        return ContractionView(node.name, node.op, weight.name, axis, x.name, lay.x_axis, kind, kernel, strides,
+                               dilations, pads, lay.groups, channels=int(xs[lay.x_axis]), elements=int(shape[axis]),
+                               output=out, w_out_axis=lay.out_axis, y_axis=lay.y_axis)
+    if isinstance(x, gs.Constant):
         return None
-    if node.op == "MatMul" and len(ins) == 2 and ins[1] is weight and len(shape) == 2 \
-            and not isinstance(ins[0], gs.Constant):
-        x = ins[0]
+    if lay.kind == "gemm":
+        return ContractionView(node.name, node.op, weight.name, axis, x.name, lay.x_axis, "gemm",
+                               trans_b=lay.trans_b, alpha=lay.alpha,
+                               channels=int(shape[axis]), elements=int(shape[axis]), output=out)
+    if lay.kind == "matmul" and len(ins) == 2 and len(shape) == 2:
         xs = tensor_shape(x)
         if xs is None:
             return None
-        return ContractionView(node.name, node.op, weight.name, axis, x.name, len(xs) - 1, "matmul",
-                               channels=int(shape[0]), elements=int(shape[0]), output=out)
+        k = int(shape[lay.in_axis])
+        return ContractionView(node.name, node.op, weight.name, axis, x.name, lay.x_axis % len(xs), "matmul",
+                               channels=k, elements=k, output=out)
     return None
 
 
@@ -209,7 +214,7 @@ def find_views(model: Model, weights: Iterable[tuple[str, int]]) -> dict[tuple[s
         if len(nodes) != 1:
             continue
         for axis in axes:
-            v = view_for(nodes[0], tensors[name], axis)
+            v = view_for(nodes[0], tensors[name], axis, model.opset)
             if v is not None:
                 out[(name, axis)] = v
     return out
@@ -254,7 +259,9 @@ def _session(proto: onnx.ModelProto):
     ort = require_onnxruntime()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    from .runtime import new_session  # a big model's weights stay memory-mapped
+
+    return new_session(ort, proto, opts, ["CPUExecutionProvider"])
 
 
 def run_batches(proto: onnx.ModelProto, names: list[str], batches: Iterable[dict]):

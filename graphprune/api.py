@@ -11,8 +11,9 @@ from .cost import model_cost
 from .errors import BadInputError
 from .graph import Model
 from .kv_cache import cache_io, cache_shapes
-from .model_io import restore_io_symbols, save_model
+from .model_io import release_run_copies, restore_io_symbols, save_model
 from .oprules import OpRuleRegistry, default_registry
+from .options import PruneOptions, policy_from
 from .pipeline import PassManager, Progress, PruneContext
 
 __all__ = ["prune", "analyze", "PruneResult", "AnalysisResult", "default_pipeline", "analysis_pipeline"]
@@ -29,8 +30,10 @@ def default_pipeline() -> PassManager:
     from .fidelity import FidelityPass
     from .passes import (AllocatePass, AnalyzePass, CompensatePass, DeadNodeCleanupPass, NormalizePass,
                          RewritePass, ScorePass, VerifyPass)
+    from .passes.uniform_heads import UniformHeadsPass
 
-    return PassManager([NormalizePass(), AnalyzePass(), ScorePass(), AllocatePass(), RewritePass(),
+    return PassManager([NormalizePass(), AnalyzePass(), ScorePass(), AllocatePass(), UniformHeadsPass(),
+                        RewritePass(),
                         DeadNodeCleanupPass(), VerifyPass(), FidelityPass("uncompensated", "fidelity-uncompensated"),
                         CompensatePass(), FidelityPass("final", "fidelity")])
 
@@ -51,7 +54,10 @@ class PruneResult:
 
     def save(self, path: "str | os.PathLike") -> str:
         meta = self.context.model.meta
-        return str(save_model(self.model, path, external_data=meta.had_external_data or None, base_dir=meta.base_dir))
+        # a big model is checked once more, on the written files (the input's own defects aside)
+        check = meta.big and not any("fails onnx.checker" in w for w in self.report.get("warnings", []))
+        return str(save_model(self.model, path, external_data=meta.had_external_data or None, base_dir=meta.base_dir,
+                              progress=self.context.progress.enabled, check=check))
 
 
 @dataclass
@@ -71,18 +77,6 @@ class AnalysisResult:
         }
 
 
-def _validate_ratio(name: str, value) -> float | None:
-    if value is None:
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise BadInputError(f"{name} must be a number in (0, 1], got {value!r}") from None
-    if not 0 < v <= 1:
-        raise BadInputError(f"{name} must be in (0, 1] (the fraction to keep), got {v}")
-    return v
-
-
 def _context(model, registry, options, progress) -> PruneContext:
     m = Model.load(model)
     original = m.copy()
@@ -92,15 +86,7 @@ def _context(model, registry, options, progress) -> PruneContext:
 
 
 def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | None = None, *,
-          target_params: float | None = None, criterion: str = "l1", round_to: int = 8, min_keep: float = 0.1,
-          protect: list[str] | tuple = (), uniform: bool = False, seed: int = 0, verify: bool = False,
-          registry: OpRuleRegistry | None = None, pipeline: PassManager | None = None, progress: bool = False,
-          policy: dict | None = None, gqa_uniform: bool = False, prune_kv_cache: bool = False,
-          calib=None, calib_samples: int = 128,
-          calib_preprocess=None, calib_heldout: int | None = None, calib_batch_size: int = 8,
-          compensate: str = "none", compensate_damp: float | None = None, fidelity: bool | None = None,
-          stats_memory: int | None = None, prune_hidden: bool = False, depth: bool = False,
-          drop_branches: int | None = None, branch_criterion: str = "cosine", **options) -> PruneResult:
+          registry: OpRuleRegistry | None = None, pipeline: PassManager | None = None, **options) -> PruneResult:
     """Prune `model` to `target_flops` (fraction of MACs kept) and/or `target_params`.
 
     `registry` holds op rules (default: built-ins plus user-registered), `pipeline` the
@@ -124,63 +110,36 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
     width go too: one group through every residual Add, LayerNorm/RMSNorm and embedding;
     normalisation statistics are then taken over the kept channels, so the oracle does the
     same, and fidelity against the original is reported (on by default). `policy` also takes
-    ``head_dim`` (prune every head's dimension uniformly).
+    ``head_dim`` (prune every head's dimension uniformly; also a keyword of its own).
+
+    Every option, its default and its allowed values are defined once in
+    :class:`graphprune.options.PruneOptions`; an unknown keyword is a :class:`BadInputError` that
+    names the closest option.
     """
-    if depth or drop_branches is not None:  # residual branches go first, width pruning after (depth.py)
+    o = PruneOptions.from_kwargs(target_flops=target_flops, **options)
+    if o.depth or o.drop_branches is not None:  # residual branches first, then width (graphprune/depth.py)
         from .depth import prune_with_depth
 
-        return prune_with_depth(model, target_flops, target_params=target_params, depth=depth,
-                                drop_branches=drop_branches, branch_criterion=branch_criterion, protect=protect,
-                                seed=seed, verify=verify, calib=calib, criterion=criterion, round_to=round_to,
-                                min_keep=min_keep, uniform=uniform, registry=registry, pipeline=pipeline,
-                                progress=progress, policy=policy, gqa_uniform=gqa_uniform,
-                                prune_kv_cache=prune_kv_cache, prune_hidden=prune_hidden, **options)
-    policy = dict(policy or {})
-    if gqa_uniform:
-        policy["gqa_uniform"] = True
-    if prune_kv_cache:
-        policy["prune_kv_cache"] = True
-    if prune_hidden:
-        policy["prune_hidden"] = True
-    tf = _validate_ratio("target_flops", target_flops)
-    tp = _validate_ratio("target_params", target_params)
-    if tf is None and tp is None:
+        return prune_with_depth(model, o, registry=registry, pipeline=pipeline)
+    if o.target_flops is None and o.target_params is None:
         raise BadInputError("give target_flops or target_params (a fraction in (0, 1] to keep)")
-    if round_to is None or int(round_to) < 1:
-        raise BadInputError(f"round_to must be >= 1, got {round_to}")
-    if not 0 <= float(min_keep) <= 1:
-        raise BadInputError(f"min_keep must be in [0, 1], got {min_keep}")
-    from .passes import criterion_names
-
-    if criterion not in criterion_names():
-        raise BadInputError(f"unknown criterion {criterion!r} (choose from {', '.join(criterion_names())})")
-    from .passes import COMPENSATE_MODES
-
-    if compensate not in COMPENSATE_MODES:
-        raise BadInputError(f"unknown compensate mode {compensate!r} (choose from {', '.join(COMPENSATE_MODES)})")
-    if options.get("compensate_select", "gcv") not in ("gcv", "cv"):
-        raise BadInputError(f"compensate_select must be gcv or cv, got {options['compensate_select']!r}")
-    if compensate_damp is not None and not float(compensate_damp) >= 0:
-        raise BadInputError(f"compensate_damp must be >= 0, got {compensate_damp}")
-    if fidelity is None:
-        fidelity = calib is not None or compensate != "none" or bool(policy.get("prune_hidden"))
-    opts = dict(options, target_macs=tf, target_params=tp, criterion=criterion, round_to=int(round_to),
-                min_keep=float(min_keep), protect=list(protect), uniform=uniform, seed=seed, verify=verify,
-                policy=policy, compensate=compensate, compensate_damp=compensate_damp, fidelity=bool(fidelity))
-    if stats_memory is not None:
-        opts["stats_memory"] = int(stats_memory)
+    opts = o.context_options()
+    calib, progress = o.calib, o.progress
     t0 = time.perf_counter()
     ctx = _context(model, registry, opts, progress)
     if calib is not None:
         from .calibration import load_calibration
 
         ctx.options["calibration"] = load_calibration(
-            calib, ctx.original.to_proto(infer=False), samples=calib_samples, heldout=calib_heldout,
-            preprocess=calib_preprocess, batch_size=int(calib_batch_size), seed=seed)
+            calib, ctx.original.to_proto(infer=False), samples=o.calib_samples, heldout=o.calib_heldout,
+            preprocess=o.calib_preprocess, batch_size=o.calib_batch_size, seed=o.seed)
         ctx.report["calibration"] = ctx.options["calibration"].describe()
-    elif calib_preprocess is not None:
+    elif o.calib_preprocess is not None:
         raise BadInputError("calib_preprocess needs calib (a folder of images)")
-    (pipeline or default_pipeline()).run(ctx)
+    try:
+        (pipeline or default_pipeline()).run(ctx)
+    finally:
+        release_run_copies()  # the scratch copies big models were run from
     ctx.report["prune_seconds"] = time.perf_counter() - t0
     ctx.report["timings"] = dict(ctx.timings)
     ctx.report["groups"] = _group_report(ctx)
@@ -189,7 +148,7 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
         ctx.report["kv_cache"] = cache_shapes(ctx.original.graph, ctx.model.graph, kv)
     ctx.report["pinned"] = [{"tensor": p.tensor, "axis": p.axis, "channels": p.count, "reason": p.reason}
                             for p in ctx.dependency.pinned]
-    if policy.get("prune_hidden"):
+    if opts["policy"].get("prune_hidden"):
         ctx.report["hidden"] = _hidden_report(ctx)
         if not ctx.report["hidden"]:
             ctx.report["hidden_pinned"] = _hidden_pin_reason(ctx.dependency)
@@ -240,12 +199,11 @@ def _group_report(ctx: PruneContext) -> list[dict]:
 
 def analyze(model: "str | os.PathLike | onnx.ModelProto", *, registry: OpRuleRegistry | None = None,
             pipeline: PassManager | None = None, policy: dict | None = None,
-            gqa_uniform: bool = False, prune_kv_cache: bool = False, prune_hidden: bool = False) -> AnalysisResult:
+            gqa_uniform: bool = False, prune_kv_cache: bool = False, prune_hidden: bool = False,
+            head_dim: bool = False) -> AnalysisResult:
     """Groups, pinned channels (with reasons) and MACs per layer, without changing anything."""
-    policy = dict(policy or {}, **({"gqa_uniform": True} if gqa_uniform else {}),
-                  **({"prune_hidden": True} if prune_hidden else {}))
-    if prune_kv_cache:
-        policy["prune_kv_cache"] = True
+    policy = policy_from(policy, gqa_uniform=gqa_uniform, head_dim=head_dim, prune_hidden=prune_hidden,
+                         prune_kv_cache=prune_kv_cache)
     ctx = _context(model, registry, {"policy": policy or {}}, False)
     (pipeline or analysis_pipeline()).run(ctx)
     return AnalysisResult(ctx.groups, ctx.dependency.pinned, model_cost(ctx.model), ctx)

@@ -13,20 +13,22 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from .argtypes import EXIT_BAD_INPUT, EXIT_OK, ArgParser
 from .backends import BACKENDS, Backend, select_backend
-from .cli import int_at_least
 from .errors import BadInputError
+from .options import add_option_arguments, option, options_from_args
 from .runtime import synthetic_inputs
 
 __all__ = ["main", "build_parser", "bench_models", "format_bench", "parse_shape", "time_sessions", "feeds_for",
-           "latency_stats", "add_bench_options", "bench_kwargs", "bench_from_args", "shapes_from_args"]
+           "latency_stats", "add_bench_options", "bench_kwargs", "bench_from_args", "shapes_from_args",
+           "BenchOptions"]
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
 DEFAULT_RUNS, DEFAULT_WARMUP, DEFAULT_SEQ = 50, 10, 128
 
 
@@ -194,8 +196,32 @@ def _short(path: str, n: int = 60) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
-_positive = int_at_least(1)
-_non_negative = int_at_least(0)
+BENCH = "bench"
+
+
+@dataclass
+class BenchOptions:
+    """The latency options of `graphprune bench`, a prune's `--bench` and `--target-latency`: defaults,
+    checks and help defined once; the argument group is built from this (graphprune/options.py)."""
+
+    backend: str = option(
+        "auto", "auto (default: TensorRT, else onnxruntime CUDA, else PyTorch CUDA via onnx2torch, else onnxruntime "
+                "CPU), trt, ort-cuda, torch-cuda, ort-cpu; an unavailable one falls back to the next, with a "
+                "one-line note", choices=("auto", *BACKENDS), commands=(BENCH,))
+    runs: int = option(DEFAULT_RUNS, "timed runs per model (default: {default})", kind="int>=1", metavar="N",
+                       commands=(BENCH,))
+    warmup: int = option(DEFAULT_WARMUP, "untimed runs first (default: {default})", kind="int>=0", metavar="N",
+                         commands=(BENCH,))
+    threads: int = option(0, "onnxruntime intra-op threads (default: 0 = onnxruntime's choice)", kind="int>=0",
+                          metavar="N", commands=(BENCH,))
+    batch: int = option(1, "size of each input's dynamic first axis (default: {default})", kind="int>=1",
+                        metavar="N", commands=(BENCH,))
+    seq: int = option(DEFAULT_SEQ, "size of other dynamic axes, e.g. sequence length (default: {default})",
+                      kind="int>=1", metavar="N", commands=(BENCH,))
+    shape: tuple = option(tuple, "full shape of one input, e.g. input:1x3x224x224 (repeatable; overrides "
+                                 "--batch/--seq)", action="append", metavar="NAME:DxD...", commands=(BENCH,))
+    fp16: bool = option(False, "TensorRT: build the engine with fp16 enabled; PyTorch CUDA: run the module in fp16",
+                        kind="flag", commands=(BENCH,))
 
 
 def add_bench_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -205,33 +231,11 @@ def add_bench_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     with underscores), for parsers that already use a name such as --batch; pass the same
     prefix to :func:`bench_from_args`.
     """
-    def opt(name: str) -> str:
-        return f"--{prefix}{name}"
-
-    p.add_argument(opt("backend"), default="auto", choices=("auto", *BACKENDS),
-                   help="auto (default: TensorRT, else onnxruntime CUDA, else PyTorch CUDA via onnx2torch, else "
-                        "onnxruntime CPU), trt, ort-cuda, torch-cuda, ort-cpu; an unavailable one falls back to the "
-                        "next, with a one-line note")
-    p.add_argument(opt("runs"), type=_positive, default=DEFAULT_RUNS, metavar="N",
-                   help=f"timed runs per model (default: {DEFAULT_RUNS})")
-    p.add_argument(opt("warmup"), type=_non_negative, default=DEFAULT_WARMUP, metavar="N",
-                   help=f"untimed runs first (default: {DEFAULT_WARMUP})")
-    p.add_argument(opt("threads"), type=_non_negative, default=0, metavar="N",
-                   help="onnxruntime intra-op threads (default: 0 = onnxruntime's choice)")
-    p.add_argument(opt("batch"), type=_positive, default=1, metavar="N",
-                   help="size of each input's dynamic first axis (default: 1)")
-    p.add_argument(opt("seq"), type=_positive, default=DEFAULT_SEQ, metavar="N",
-                   help=f"size of other dynamic axes, e.g. sequence length (default: {DEFAULT_SEQ})")
-    p.add_argument(opt("shape"), action="append", default=[], metavar="NAME:DxD...",
-                   help="full shape of one input, e.g. input:1x3x224x224 (repeatable; overrides --batch/--seq)")
-    p.add_argument(opt("fp16"), action="store_true",
-                   help="TensorRT: build the engine with fp16 enabled; PyTorch CUDA: run the module in fp16")
+    add_option_arguments(p, BENCH, BenchOptions, prefix=prefix)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _Parser
-
-    p = _Parser(prog="graphprune bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgParser(prog="graphprune bench", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Latency of one or more ONNX models side by side (the first is the reference): "
                             "median, p10/p90, spread, throughput and the ratio to the first model.",
                 epilog="examples:\n  graphprune bench model.onnx model.pruned.onnx --threads 2\n"
@@ -260,8 +264,9 @@ def shapes_from_args(args, prefix: str = "") -> dict[str, tuple[int, ...]]:
 
 def bench_kwargs(args, prefix: str = "") -> dict:
     """Keyword arguments for bench_models / prune_to_latency from :func:`add_bench_options`' options."""
-    names = ("backend", "runs", "warmup", "threads", "batch", "seq", "fp16")
-    return {name: _arg(args, name, prefix) for name in names} | {"shapes": shapes_from_args(args, prefix)}
+    kwargs = options_from_args(args, BENCH, BenchOptions, prefix=prefix)
+    del kwargs["shape"]  # given as {input name: shape}
+    return kwargs | {"shapes": shapes_from_args(args, prefix)}
 
 
 def bench_from_args(models: list, args, labels: list[str] | None = None, prefix: str = "") -> dict:

@@ -10,11 +10,12 @@ import os
 import sys
 from pathlib import Path
 
+from .argtypes import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, ArgParser, number_in
 from .errors import BadInputError, GraphpruneError
+from .options import ANALYZE, PRUNE, add_option_arguments, check_ratio, options_from_args
+from .roles import WEIGHT_ROLES
 
 __all__ = ["main", "build_parser"]
-
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
 _EPILOG = """\
 exit codes: 0 done, 1 internal error, 2 bad input (missing/corrupt file, bad flag, unreachable target).
@@ -27,117 +28,19 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        self.exit(EXIT_BAD_INPUT, f"graphprune: error: {message} (see --help)\n")
-
-
-def _ratio(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"{v} is outside (0, 1]: it is the fraction to keep")
-    return v
-
-
-def int_at_least(lo: int):
-    """An argparse type: an integer >= `lo`, else a one-line parser error."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{v} must be >= {lo}")
-        return v
-
-    return parse
-
-
-_positive_int = int_at_least(1)
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"{v} is outside [0, 1]")
-    return v
-
-
-def _add_width_options(p: argparse.ArgumentParser) -> None:
-    """Transformer widths pruned only on request (one definition for prune and analyze)."""
-    p.add_argument("--head-dim", action="store_true",
-                   help="prune the head dimension, uniformly across heads (Q.K^T contraction included; "
-                        "rotary pairs go together) instead of whole heads")
-    p.add_argument("--prune-hidden", action="store_true",
-                   help="prune the hidden (residual stream) width too: one group through every residual add, "
-                        "LayerNorm/RMSNorm and embedding; normalisation statistics are taken over the kept "
-                        "channels (default: pinned)")
-    p.add_argument("--prune-kv-cache", action="store_true",
-                   help="decoders with past/present key-value graph inputs/outputs: allow head pruning, which "
-                        "changes the cache shapes (reported per input/output); pinned otherwise")
-
-
-def _policy(args) -> dict:
-    flags = (("head_dim", args.head_dim), ("prune_hidden", args.prune_hidden), ("prune_kv_cache", args.prune_kv_cache))
-    return {key: True for key, flag in flags if flag}
+_Parser = ArgParser  # one-line errors, exit 2 (graphprune/argtypes.py)
+_ratio = number_in(check_ratio)  # --target-latency: the same check as every other fraction to keep
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .passes import COMPENSATE_MODES, criterion_names
-
+    """`graphprune MODEL ...`: the prune options come from graphprune.options.PruneOptions (defined once
+    there, with their defaults, checks and choices); the flags here are the command's own."""
     p = _Parser(prog="graphprune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
                 description="Structured pruning of ONNX models: removes coupled channels and writes a "
                             "physically smaller ONNX graph. Subcommand: `graphprune analyze MODEL`.")
     p.add_argument("model", help="input .onnx file (never modified)")
     p.add_argument("-o", "--output", help="output path (default: <stem>.pruned.onnx beside the input)")
-    p.add_argument("--target-flops", type=_ratio, metavar="R",
-                   help="fraction of the original MACs to keep, in (0, 1]; the result lands in [R-0.02, R]")
-    p.add_argument("--target-params", type=_ratio, metavar="R", help="fraction of the original parameters to keep")
-    p.add_argument("--criterion", default="l1", choices=criterion_names(),
-                   help="channel importance criterion (default: l1). Data-aware: wanda, flap, obs (use --calib); "
-                        "data-free: l1, l2, bn-scale, obs-free, random")
-    p.add_argument("--round-to", type=_positive_int, default=8, metavar="N",
-                   help="keep pruned channel counts a multiple of N where the original was (default: 8)")
-    p.add_argument("--min-keep", type=_fraction, default=0.1, metavar="F",
-                   help="minimum fraction of channels each group keeps (default: 0.1)")
-    p.add_argument("--protect", nargs="+", default=[], metavar="NODE",
-                   help="node names (glob patterns allowed) whose channels are left untouched")
-    p.add_argument("--uniform", action="store_true", help="prune every group by the same ratio")
-    p.add_argument("--gqa-uniform", action="store_true",
-                   help="grouped-query attention: prune query heads evenly inside every KV group (default: "
-                        "a KV head and the query heads sharing it go together)")
-    _add_width_options(p)
-    p.add_argument("--seed", type=int, default=0, help="seed for random criteria and synthetic inputs (default: 0)")
-    g = p.add_argument_group("accuracy without fine-tuning")
-    g.add_argument("--calib", metavar="PATH",
-                   help="calibration data: .npz (one array per input, named like the inputs), .npy (one input) "
-                        "or a folder of images; samples on axis 0. Later samples are held out for fidelity")
-    g.add_argument("--calib-samples", type=_positive_int, default=128, metavar="N",
-                   help="samples used for calibration (default: 128); up to 64 following ones are held out")
-    g.add_argument("--calib-preprocess", nargs="+", metavar="SPEC",
-                   help="image folder preprocessing: a preset (imagenet, inception, raw) and/or key=value: "
-                        "size=224 resize=256 mean=0.485,0.456,0.406 std=0.229,0.224,0.225 scale=0.00392 "
-                        "layout=nchw|nhwc (default: imagenet; size and layout from the model input)")
-    g.add_argument("--compensate", default="none", choices=COMPENSATE_MODES,
-                   help="re-fit consumers of removed channels on calibration data: bias (FLAP: bias only) or "
-                        "obs (least-squares weights and bias, layer by layer); default: none")
-    g.add_argument("--compensate-select", default="gcv", choices=("gcv", "cv"),
-                   help="how --compensate obs chooses each layer's dampening: gcv (generalised cross-validation "
-                        "over rows, default) or cv (2-fold cross-validation over calibration batches; also may "
-                        "keep the weights and re-fit the bias only; safer when rows of one sample are correlated)")
-    g.add_argument("--compensate-residual", action="store_true",
-                   help="--compensate obs: a layer whose output goes straight into a residual Add is fitted so the "
-                        "sum matches the original (it also absorbs the error the skip path brings)")
-    g.add_argument("--fidelity", action="store_true",
-                   help="report output fidelity on held-out samples (on by default with --calib/--compensate)")
-    p.add_argument("--verify", action="store_true",
-                   help="check the mask-equivalence oracle with onnxruntime (needs onnxruntime)")
+    add_option_arguments(p, PRUNE)
     p.add_argument("--report", metavar="JSON", help="write the report (MACs, params, groups, removed channels)")
     lat = p.add_argument_group("latency (onnxruntime CPU/CUDA, TensorRT, PyTorch CUDA)")
     lat.add_argument("--target-latency", type=_ratio, metavar="R",
@@ -149,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_options
 
     add_bench_options(lat)  # --backend --runs --warmup --threads --batch --seq --shape --fp16
+    p.add_argument("--no-deploy-folder", action="store_true",
+                   help="a model in an onnxruntime-genai (genai_config.json) or Hugging Face (config.json) folder: "
+                        "do not treat it as a deployment folder (default: the same heads in every layer, the KV "
+                        "cache follows, the config is rewritten and tokenizer files copied beside -o)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return p
 
@@ -159,8 +66,7 @@ def build_analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="input .onnx file")
     p.add_argument("--json", metavar="PATH", help="also write the analysis as JSON")
     p.add_argument("--top", type=int, default=30, metavar="N", help="layers to list by MACs (default: 30)")
-    p.add_argument("--gqa-uniform", action="store_true", help="analyze as `--gqa-uniform` would prune")
-    _add_width_options(p)
+    add_option_arguments(p, ANALYZE)  # --gqa-uniform --head-dim --prune-hidden --prune-kv-cache
     return p
 
 
@@ -200,7 +106,13 @@ def _run_prune(args) -> int:
     if args.target_latency is not None and (args.target_flops is not None or args.target_params is not None):
         raise BadInputError("--target-latency chooses the FLOPs target itself; drop --target-flops/--target-params")
     src = Path(args.model)
+    from .deploy import check_output, default_output, detect_folder
+
+    folder = None if args.no_deploy_folder else detect_folder(str(src))
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}.pruned.onnx")
+    if folder is not None:
+        out = Path(args.output) if args.output else Path(default_output(folder, str(src)))
+        check_output(folder, str(out))
     if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
         raise BadInputError(f"output {out} is the input file; choose another -o")
     if out.is_dir():
@@ -208,12 +120,12 @@ def _run_prune(args) -> int:
     if args.calib_preprocess and not args.calib:
         raise BadInputError("--calib-preprocess needs --calib (a folder of images)")
     progress = not args.quiet and sys.stderr.isatty()
-    common = dict(criterion=args.criterion, round_to=args.round_to, min_keep=args.min_keep, protect=args.protect,
-                  uniform=args.uniform, seed=args.seed, verify=args.verify, progress=progress,
-                  gqa_uniform=args.gqa_uniform, calib=args.calib, calib_samples=args.calib_samples,
-                  calib_preprocess=args.calib_preprocess, compensate=args.compensate,
-                  compensate_select=args.compensate_select, compensate_residual=args.compensate_residual,
-                  fidelity=True if args.fidelity else None, policy=_policy(args))
+    common = options_from_args(args, PRUNE) | {"progress": progress}
+    del common["target_flops"], common["target_params"]
+    if folder is not None:  # the folder's runtime: same heads in every layer, the cache follows
+        policy = folder.policy
+        common["prune_kv_cache"] = common["prune_kv_cache"] or policy.pop("prune_kv_cache", False)
+        common["policy"] = (common.get("policy") or {}) | policy
     if args.target_latency is not None:
         from .bench import bench_kwargs
         from .latency import prune_to_latency
@@ -222,11 +134,19 @@ def _run_prune(args) -> int:
         result = prune_to_latency(str(src), args.target_latency, log=log, **bench_kwargs(args), **common)
     else:
         result = prune(str(src), target_flops=args.target_flops, target_params=args.target_params, **common)
+    if folder is not None:
+        from .deploy import check_uniform
+
+        check_uniform(result.model)  # before anything is written
     try:
         result.save(out)
     except OSError as exc:
         raise BadInputError(f"cannot write {out}: {exc.strerror or exc}") from None
     r = result.report
+    if folder is not None:
+        from .deploy import write_folder
+
+        r["deploy_folder"] = write_folder(folder, str(out), result.model, r)
     if args.bench:
         from .bench import bench_from_args
 
@@ -258,10 +178,16 @@ def _run_prune(args) -> int:
                 print("kv cache  " + "\n          ".join(format_cache_shapes(kv)))
             else:
                 print(f"kv cache  {len(kv)} inputs/outputs unchanged ({FLAG} allows pruning their heads)")
+        if "deploy_folder" in r:
+            d = r["deploy_folder"]
+            print(f"folder  {d['config']}: {d['set']}; copied {', '.join(d['copied']) or 'nothing'}")
+            if d.get("note"):
+                print(f"folder  {d['note']}")
         if "oracle" in r:
             o = r["oracle"]
-            worst = max(v["max_rel"] for k, v in o.items() if k.startswith("batch"))
-            noise = [v["noise_floor"] for k, v in o.items() if k.startswith("batch") and "noise_floor" in v]
+            runs = [v for k, v in o.items() if k.startswith("batch") or k == "inputs"]
+            worst = max(v["max_rel"] for v in runs)
+            noise = [v["noise_floor"] for v in runs if "noise_floor" in v]
             floor = f"; float32 noise floor of the original {max(noise):.2e}" if noise else ""
             floor += f"; {o['quantized_activations']}" if "quantized_activations" in o else ""
             print(f"oracle  mask equivalence {'holds' if o['equivalent'] else 'FAILS'} (max rel err {worst:.2e}{floor})")
@@ -308,12 +234,12 @@ def _run_analyze(argv) -> int:
     from .api import analyze
 
     args = build_analyze_parser().parse_args(argv)
-    res = analyze(args.model, gqa_uniform=args.gqa_uniform, policy=_policy(args))
+    res = analyze(args.model, **options_from_args(args, ANALYZE))
     d = res.to_dict()
     print(f"MACs {_fmt(d['macs'])}  params {_fmt(d['params'])}  groups {len(d['groups'])}")
     print("\nprunable groups:")
     for g in res.groups:
-        weights = [f"{m.tensor}[{m.axis}]" for m in g.members if m.is_weight and m.role in ("out", "reduce")]
+        weights = [f"{m.tensor}[{m.axis}]" for m in g.members if m.is_weight and m.role in WEIGHT_ROLES]
         unit = f"{g.size:>5} heads x {g.width}" if g.kind == "heads" else f"{g.size:>5} ch"
         print(f"  #{g.id:<3} {unit}  {', '.join(weights[:4])}{' ...' if len(weights) > 4 else ''}")
     print("\npinned (never removed):")
@@ -345,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     except GraphpruneError as exc:
         print(f"graphprune: internal error: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
+    except MemoryError:
+        print("graphprune: error: out of memory (the model needs more memory than is free)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("graphprune: interrupted", file=sys.stderr)
         return 130

@@ -1,7 +1,8 @@
 """Cost model: multiply-accumulates (MACs) and parameters, per node and in total.
 
 Costs are products of axis sizes, so the allocator can update them as channels go:
-a term is `coef * prod(size of each listed dimension)`.
+a term is `coef * prod(size of each listed dimension)`. Each op's terms come from its rule
+(`OpRule.cost_terms`); this module sums them.
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .dependency import installed_registry
 from .graph import Model, tensor_shape
 
-__all__ = ["CostTerm", "node_cost_terms", "param_cost_terms", "model_cost", "CostSummary"]
+__all__ = ["CostTerm", "static_size", "volume", "node_cost_terms", "param_cost_terms", "model_cost", "CostSummary"]
 
 
 @dataclass
@@ -24,12 +26,21 @@ class CostTerm:
     axes: list = field(default_factory=list)
 
 
-def _static(d) -> int:
+def static_size(d) -> int:
+    """A static axis size, or 1 for a dynamic / unknown one."""
     return d if isinstance(d, int) and d > 0 else 1
 
 
-def _vol(shape) -> float:
-    return float(np.prod([_static(d) for d in shape])) if shape else 1.0
+def volume(shape) -> float:
+    """Product of the static sizes of `shape` (dynamic axes count as 1)."""
+    return float(np.prod([static_size(d) for d in shape])) if shape else 1.0
+
+
+_static = static_size
+
+
+def _rule(node: gs.Node, opset: int, registry):
+    return registry.lookup(node.domain or "", node.op, opset)
 
 
 # dynamic spatial axes (images of any size: detectors, segmenters, fully convolutional nets) are
@@ -37,7 +48,7 @@ def _vol(shape) -> float:
 SPATIAL_HINT_SIZE = 224
 
 
-def spatial_hints(model: Model) -> dict[str, tuple]:
+def spatial_hints(model: Model, registry=None) -> dict[str, tuple]:
     """Conv/ConvTranspose spatial sizes for graphs whose spatial axes are dynamic: shape inference
     with every dynamic non-batch input axis set to SPATIAL_HINT_SIZE. {} when all are static (or
     inference fails). Cached on the model for its current graph."""
@@ -45,9 +56,11 @@ def spatial_hints(model: Model) -> dict[str, tuple]:
     if cached is not None and cached[0] is model.graph:
         return cached[1]
     names = []
+    registry = registry if registry is not None else installed_registry()
     for node in model.graph.nodes:
-        if node.op in ("Conv", "ConvTranspose") and len(node.inputs) > 1:
-            t = node.outputs[0] if node.op == "Conv" else node.inputs[0]
+        rule = _rule(node, model.opset, registry)
+        t = rule.spatial_tensor(node) if rule is not None else None
+        if t is not None:
             shape = tensor_shape(t)
             if shape is not None and not all(isinstance(d, int) and d > 0 for d in shape[2:]):
                 names.append(t.name)
@@ -72,54 +85,17 @@ def spatial_hints(model: Model) -> dict[str, tuple]:
     return hints
 
 
-def node_cost_terms(node: gs.Node, spatial: dict | None = None) -> list[CostTerm]:
-    """MACs of one node (batch counted as 1; dynamic spatial axes of convs at `spatial`'s sizes
-    where given, see spatial_hints; other dynamic axes counted as 1)."""
-    op = node.op
-    name = node.name or node.outputs[0].name
-    ins = [t if t.name else None for t in node.inputs]
-    if op in ("Conv", "ConvTranspose", "ConvInteger") and len(ins) > 1 and ins[1] is not None:
-        x, w, y = ins[0], ins[1], node.outputs[0]
-        ws, ys, xs = tensor_shape(w), tensor_shape(y), tensor_shape(x)
-        if ws is None or ys is None or xs is None:
-            return []
-        spatial_t = y if op == "Conv" else x
-        spatial = (spatial or {}).get(spatial_t.name) or (ys[2:] if op == "Conv" else xs[2:])
-        coef = _vol(spatial) * _static(ys[0]) * _vol(ws[2:])
-        return [CostTerm(name, coef, [(w.name, 0), (w.name, 1)])]
-    if op in ("LSTM", "GRU", "RNN") and len(ins) > 2 and ins[1] is not None and ins[2] is not None:
-        # per time step and direction: x . W^T and h . R^T (sequence and batch counted as 1 when dynamic)
-        xs = tensor_shape(ins[0])
-        steps = _static(xs[0]) * _static(xs[1]) if xs is not None and len(xs) == 3 else 1.0
-        w, r = ins[1], ins[2]
-        return [CostTerm(name, steps, [(w.name, 0), (w.name, 1), (w.name, 2)]),
-                CostTerm(name, steps, [(r.name, 0), (r.name, 1), (r.name, 2)])]
-    if op == "Attention" and (node.domain or "") == "com.microsoft" and len(ins) > 1 and ins[1] is not None:
-        x, w = ins[0], ins[1]
-        xs = tensor_shape(x)
-        if xs is None or len(xs) != 3:
-            return []
-        return [CostTerm(name, _static(xs[0]) * _static(xs[1]), [(w.name, 0), (w.name, 1)])]
-    if op in ("Gemm", "MatMul", "MatMulInteger") and len(ins) > 1 and ins[0] is not None and ins[1] is not None:
-        a, b, y = ins[0], ins[1], node.outputs[0]
-        as_, bs, ys = tensor_shape(a), tensor_shape(b), tensor_shape(y)
-        if as_ is None or bs is None or ys is None or len(as_) < 1 or len(bs) < 1:
-            return []
-        if op == "Gemm":
-            ta, tb = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
-            m_ax, k_ax = (1, 0) if ta else (0, 1)
-            n_ax = 0 if tb else 1
-            return [CostTerm(name, 1.0, [(a.name, m_ax), (a.name, k_ax), (b.name, n_ax)])]
-        # numpy matmul: prod(output) * K
-        ry = len(ys)
-        axes = [(y.name, k) for k in range(ry)] + [(a.name, len(as_) - 1)]
-        return [CostTerm(name, 1.0, axes)]
-    return []
+def node_cost_terms(node: gs.Node, spatial: dict | None = None, *, opset: int = 0, registry=None) -> list[CostTerm]:
+    """MACs of one node, as its op rule states them (batch counted as 1; dynamic spatial axes of
+    convs at `spatial`'s sizes where given, see spatial_hints; other dynamic axes counted as 1).
+    `registry`: the op rules to ask (default: the installed ones; pass it when costing many nodes)."""
+    rule = _rule(node, opset, registry if registry is not None else installed_registry())
+    return rule.cost_terms(node, spatial) if rule is not None else []
 
 
 def param_cost_terms(model: Model) -> list[CostTerm]:
     """One term per weight initializer (floating point, or an integer weight read by DequantizeLinear)."""
-    from .oprules.quant import dequant_weight
+    from .quantized import dequant_weight
 
     terms = []
     for t in model.graph.tensors().values():
@@ -152,7 +128,7 @@ def _term_value(term: CostTerm, sizes) -> float:
     return v
 
 
-def model_cost(model: Model) -> CostSummary:
+def model_cost(model: Model, registry=None) -> CostSummary:
     tensors = model.graph.tensors()
 
     def size(t, ax):
@@ -160,9 +136,10 @@ def model_cost(model: Model) -> CostSummary:
         return _static(s[ax]) if s is not None and ax < len(s) else 1
 
     per_node = {}
-    hints = spatial_hints(model)
+    registry = registry if registry is not None else installed_registry()
+    hints = spatial_hints(model, registry)
     for node in model.graph.nodes:
-        for term in node_cost_terms(node, hints):
+        for term in node_cost_terms(node, hints, opset=model.opset, registry=registry):
             per_node[term.node] = per_node.get(term.node, 0.0) + _term_value(term, size)
     params = sum(_term_value(t, size) for t in param_cost_terms(model))
     return CostSummary(sum(per_node.values()), params, per_node)

@@ -9,7 +9,7 @@ touching the same dimensions form one :class:`ChannelGroup`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -17,13 +17,29 @@ import onnx_graphsurgeon as gs
 from .graph import Model, const_values, tensor_shape
 from .kv_cache import cache_io
 from .kv_cache import pin_reason as kv_pin_reason
-from .oprules import OpRuleRegistry, RuleContext, default_registry
+from .roles import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, WEIGHT_ROLES
+from .rule_context import RuleContext
 
-__all__ = ["Dim", "GroupMember", "ChannelGroup", "PinnedSet", "DependencyGraph", "analyze_dependencies"]
+__all__ = ["Dim", "GroupMember", "ChannelGroup", "PinnedSet", "DependencyGraph", "analyze_dependencies",
+           "set_default_registry", "installed_registry", "ROLE_OUT", "ROLE_REDUCE", "ROLE_PARAM"]
 
-ROLE_OUT = "out"          # a producer's output rows (Conv W axis 0, Gemm output columns)
-ROLE_REDUCE = "reduce"    # a consumer's reduced axis (Conv W axis 1): zeroed by the oracle
-ROLE_PARAM = "param"      # per-channel parameters (bias, BN, broadcast constants)
+# The op rules live one layer up (graphprune.oprules imports this module), so the registry an
+# analysis uses is handed in by the caller; without one, the factory installed by the package
+# (graphprune/__init__.py: oprules.default_registry) gives the built-in rules plus user-registered.
+_default_registry: "Callable[[], object] | None" = None
+
+
+def set_default_registry(factory: "Callable[[], object]") -> None:
+    """Install the factory :class:`DependencyGraph` calls when no registry is handed in."""
+    global _default_registry
+    _default_registry = factory
+
+
+def installed_registry():
+    """A registry from the installed factory (the analysis layer's way to reach the op rules)."""
+    if _default_registry is None:
+        raise RuntimeError("no op-rule registry: pass one (graphprune.default_registry())")
+    return _default_registry()
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,7 @@ class ChannelGroup:
         heads), else 'channels'."""
         return "heads" if self.width > 1 and self.factored else "channels"
 
-    def weight_members(self, roles: Iterable[str] = (ROLE_OUT, ROLE_REDUCE)) -> list:
+    def weight_members(self, roles: Iterable[str] = WEIGHT_ROLES) -> list:
         roles = set(roles)
         return [m for m in self.members if m.is_weight and m.role in roles]
 
@@ -124,9 +140,13 @@ class _UnionFind:
 class DependencyGraph:
     """Dimensions, element ties and pins of one model; :meth:`groups` gives the prunable units."""
 
-    def __init__(self, model: Model, registry: OpRuleRegistry | None = None, *, policy: dict | None = None):
+    def __init__(self, model: Model, registry: "OpRuleRegistry | None" = None, *, policy: dict | None = None):
         self.model = model
-        self.registry = registry if registry is not None else default_registry()
+        if registry is None:
+            if _default_registry is None:
+                raise RuntimeError("no op-rule registry: pass one (graphprune.default_registry())")
+            registry = _default_registry()
+        self.registry = registry
         self.policy = dict(policy or {})
         self.dims: list[Dim] = []
         self.dim_index: dict[Dim, int] = {}
@@ -414,5 +434,5 @@ def _outer_scope_inputs(node: gs.Node) -> set[str]:
     return names
 
 
-def analyze_dependencies(model: Model, registry: OpRuleRegistry | None = None, **policy) -> DependencyGraph:
+def analyze_dependencies(model: Model, registry: "OpRuleRegistry | None" = None, **policy) -> DependencyGraph:
     return DependencyGraph(model, registry, policy=policy)

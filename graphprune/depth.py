@@ -210,38 +210,41 @@ def check_depth_equivalence(original: onnx.ModelProto, pruned: onnx.ModelProto, 
     return results
 
 
-def prune_with_depth(model, target_flops: float | None = None, *, target_params: float | None = None,
-                     depth: bool = True, drop_branches: int | None = None, branch_criterion: str = "cosine",
-                     max_depth_fraction: float = 0.5, protect=(), seed: int = 0, verify: bool = False,
-                     calib=None, **width_kwargs):
-    """Depth then width pruning (see the module docstring); returns api.PruneResult with a ``depth`` report."""
-    from .api import PruneResult, _validate_ratio, prune
+_DEPTH_ONLY = ("depth", "drop_branches", "branch_criterion", "max_depth_fraction", "target_flops", "target_params",
+               "verify", "verify_inputs")
 
+
+def prune_with_depth(model, o, registry=None, pipeline=None):
+    """Depth then width pruning for :class:`graphprune.options.PruneOptions` `o` (see the module
+    docstring); returns an api.PruneResult whose report has a ``depth`` section."""
+    from dataclasses import fields
+
+    from .api import PruneResult, prune
+
+    if o.target_flops is None and o.target_params is None and o.drop_branches is None:
+        raise BadInputError("give target_flops or target_params (a fraction in (0, 1] to keep) or drop_branches")
     m = Model.load(model)
     original = m.to_proto()
-    tf = _validate_ratio("target_flops", target_flops)
-    tp = _validate_ratio("target_params", target_params)
-    if drop_branches is not None and int(drop_branches) < 0:
-        raise BadInputError(f"drop_branches must be >= 0, got {drop_branches}")
-    if tf is None and tp is None and drop_branches is None:
-        raise BadInputError("give target_flops or target_params (a fraction in (0, 1] to keep) or drop_branches")
     branches = find_branches(m)
-    protected = protected_branches(branches, protect)
+    protected = protected_branches(branches, o.protect)
     before = model_cost(m)
     data = None
-    if calib is not None:
+    if o.calib is not None:
         from .calibration import load_calibration
 
-        data = load_calibration(calib, original, samples=8, seed=seed)
-    scores = score_branches(m, branches, branch_criterion, calib=data, seed=seed)
-    cost, total, target = ("params", before.params, tp) if tp is not None and tf is None else \
-        ("macs", before.macs, tf)
-    chosen = choose_branches(branches, scores, total, target=target if depth else None,
-                             count=None if drop_branches is None else int(drop_branches), protected=protected,
-                             cost=cost, max_fraction=max_depth_fraction)
+        data = load_calibration(o.calib, original, samples=min(o.calib_samples, 8),
+                                preprocess=o.calib_preprocess, seed=o.seed)
+    scores = score_branches(m, branches, o.branch_criterion, calib=data, seed=o.seed)
+    use_params = o.target_params is not None and o.target_flops is None
+    cost, total, target = ("params", before.params, o.target_params) if use_params else \
+        ("macs", before.macs, o.target_flops)
+    chosen = choose_branches(branches, scores, total, target=target if o.depth else None,
+                             count=o.drop_branches, protected=protected, cost=cost,
+                             max_fraction=o.max_depth_fraction)
     shallow = remove_branches(m, chosen)
     mid = model_cost(shallow)
-    depth_report = {"branches": len(branches), "criterion": branch_criterion, "protected": sorted(protected),
+    depth_report = {"branches": len(branches), "criterion": o.branch_criterion,
+                    "protected": [b.add for b in branches if b.id in protected],
                     "removed": [b.to_dict() | {"score": scores[b.id]} for b in chosen],
                     "scores": {b.add: scores[b.id] for b in branches},
                     "macs_after_depth": int(mid.macs), "params_after_depth": int(mid.params)}
@@ -251,13 +254,16 @@ def prune_with_depth(model, target_flops: float | None = None, *, target_params:
         now = mid.macs if cost == "macs" else mid.params
         width_ratio = target * total / now if now else 1.0
     if width_ratio is not None and width_ratio < 1.0:
-        key = "target_flops" if cost == "macs" else "target_params"
-        res = prune(shallow_proto, **{key: width_ratio}, protect=protect, seed=seed, verify=False, calib=calib,
-                    **width_kwargs)
+        width = {f.name: getattr(o, f.name) for f in fields(o) if f.name not in _DEPTH_ONLY}
+        width["target_flops" if cost == "macs" else "target_params"] = width_ratio
+        res = prune(shallow_proto, registry=registry, pipeline=pipeline, **width)
         pruned, report, ctx = res.model, res.report, res.context
         dg, plan, groups = ctx.dependency, ctx.plan, ctx.groups
     else:
-        pruned, report, ctx, dg, plan, groups = shallow_proto, {"groups": [], "pinned": []}, None, None, None, None
+        from .pipeline import Progress, PruneContext
+
+        pruned, report, dg, plan, groups = shallow_proto, {"groups": [], "pinned": []}, None, None, None
+        ctx = PruneContext(model=shallow, original=m, options={}, progress=Progress(False))
     after = model_cost(Model.from_proto(pruned))
     report.update({"macs_before": int(before.macs), "macs_after": int(after.macs),
                    "params_before": int(before.params), "params_after": int(after.params),
@@ -265,11 +271,7 @@ def prune_with_depth(model, target_flops: float | None = None, *, target_params:
                    "params_ratio": after.params / before.params if before.params else 1.0,
                    "depth": depth_report})
     report.setdefault("prune_seconds", 0.0)
-    if verify:
+    if o.verify or o.verify_inputs is not None:
         onnx.checker.check_model(pruned, full_check=True)
-        report["oracle"] = check_depth_equivalence(original, pruned, chosen, dg, plan, groups, seeds=seed)
-    if ctx is None:
-        from .pipeline import Progress, PruneContext
-
-        ctx = PruneContext(model=Model.from_proto(pruned, m.meta), original=m, options={}, progress=Progress(False))
+        report["oracle"] = check_depth_equivalence(original, pruned, chosen, dg, plan, groups, seeds=o.seed)
     return PruneResult(pruned, report, ctx)

@@ -119,7 +119,17 @@ class FidelityPass(Pass):
         if not calib.heldout:
             return PassResult()
         ref = reference_outputs(ctx, calib)
-        metrics = measure_fidelity(ref, ctx.model.to_proto(), calib.heldout)
+        batches = calib.heldout
+        if ctx.plan is not None and getattr(ctx.dependency, "resizable_io", None):
+            from .verify_io import io_slices, slice_arrays
+
+            # KV-cache inputs/outputs lost heads: the pruned model reads the kept slices of the
+            # cache; the resized outputs are not compared (logits are)
+            slices = io_slices(ctx.dependency, ctx.plan.removed_labels(ctx.groups))
+            if slices:
+                batches = [slice_arrays(b, slices) for b in batches]
+                ref = {k: v for k, v in ref.items() if k not in slices}
+        metrics = measure_fidelity(ref, ctx.model.to_proto(), batches)
         fid = ctx.report.setdefault("fidelity", {})
         fid.setdefault("heldout_samples", calib.heldout_samples)
         fid.setdefault("data", "synthetic" if calib.synthetic else "held-out calibration samples")

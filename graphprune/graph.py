@@ -11,7 +11,9 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import BadInputError
-from .model_io import ModelMeta, load_model, materialize
+from .external_data import read_array, spill
+from .model_io import ModelMeta, load_model, materialize, without_weights
+from .op_families import BROADCAST_OPS
 from .shape_eval import ShapeEvaluator
 
 __all__ = ["Model", "Shape"]
@@ -94,15 +96,41 @@ class Model:
         return self.meta.default_opset
 
 
-class _ExternalValues(LazyValues):
-    """LazyValues that read external data relative to the model's folder."""
+    def store(self, t: gs.Constant, values: np.ndarray) -> None:
+        """Give constant `t` new values; in a big model they go to a scratch file at once (read
+        back memory-mapped when used), so rewritten weights do not pile up in memory."""
+        values = np.ascontiguousarray(values)
+        if self.meta.big and values.nbytes >= 1024:
+            t._values = _ExternalValues(spill(t.name, values))
+            t.data_location = None
+        else:
+            t.values = values
+            t.data_location = None
 
-    def __init__(self, tensor, base_dir: str):
+
+class _ExternalValues(LazyValues):
+    """LazyValues of external data (absolute location, checked on load), memory-mapped."""
+
+    def __init__(self, tensor, base_dir: str = ""):
         super().__init__(tensor)
-        self.base_dir = base_dir
 
     def load(self):
-        return np.array(onnx.numpy_helper.to_array(self.tensor, self.base_dir))
+        return read_array(self.tensor)
+
+
+_CONSTANT_VALUES = gs.Constant.values
+
+
+def _constant_values(self):
+    """gs.Constant.values, except that external weights are not cached: each use maps the file
+    afresh and the pages are released when the caller drops the array, so reading every
+    weight once (scoring, rewriting) never holds the whole model in memory."""
+    if isinstance(self._values, _ExternalValues):
+        return self._values.load()
+    return _CONSTANT_VALUES.fget(self)
+
+
+gs.Constant.values = property(_constant_values, _CONSTANT_VALUES.fset, doc=_CONSTANT_VALUES.__doc__)
 
 
 def _attach_base_dir(graph: gs.Graph, base_dir: str) -> None:
@@ -197,8 +225,7 @@ def _refine_slice(node: gs.Node, ev: ShapeEvaluator, refined: dict | None, symbo
 
 
 _SAME_SHAPE = {"GroupNormalization", "MeanVarianceNormalization", "LRN"}
-_BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Greater", "Less",
-              "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "PRelu"}
+_BROADCAST = frozenset(BROADCAST_OPS)
 
 
 def _refine_broadcast(node: gs.Node, refined: dict | None) -> bool:
@@ -528,44 +555,24 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
             out = SymbolicShapeInference.infer_shapes(out, auto_merge=True) or out
         except Exception:
             pass
+        _keep_output_symbols(proto, out)
     return out
 
 
-_LIGHT_BYTES = 4096
+def _keep_output_symbols(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """Symbolic inference merges symbols (auto_merge: a cache's total length becomes the past
+    length); graph outputs keep the symbol names the model declared."""
+    declared = {o.name: o.type.tensor_type.shape.dim for o in before.graph.output}
+    for o in [*after.graph.output, *after.graph.value_info]:
+        dims = declared.get(o.name)
+        if dims is None or len(dims) != len(o.type.tensor_type.shape.dim):
+            continue
+        for d_old, d_new in zip(dims, o.type.tensor_type.shape.dim):
+            if d_old.dim_param and d_new.dim_param and d_old.dim_param != d_new.dim_param:
+                d_new.dim_param = d_old.dim_param
 
 
-def _without_big_weights(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set]:
-    """A copy without large initializers (declared as inputs instead): shape inference needs
-    only their shapes, and serializing hundreds of MB for it is most of its cost.
-
-    Below IR version 4 onnx reads the types of initializers from the graph inputs only, so
-    every initializer the input list lacks is declared there too (the copy only).
-    """
-    big = [t for t in proto.graph.initializer
-           if len(t.raw_data) > _LIGHT_BYTES or onnx.external_data_helper.uses_external_data(t)]
-    declared = {i.name for i in proto.graph.input}
-    names = {t.name for t in big}
-    undeclared_small = [t for t in proto.graph.initializer if proto.ir_version < 4
-                        and t.name not in declared and t.name not in names]
-    if not big and not undeclared_small:
-        return proto, set()
-    light = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(light, field, getattr(proto, field))
-    light.opset_import.extend(proto.opset_import)
-    light.functions.extend(proto.functions)
-    g = light.graph
-    g.name = proto.graph.name
-    g.node.extend(proto.graph.node)
-    g.input.extend(proto.graph.input)
-    g.output.extend(proto.graph.output)
-    g.value_info.extend(proto.graph.value_info)
-    g.initializer.extend(t for t in proto.graph.initializer if t.name not in names)
-    g.sparse_initializer.extend(proto.graph.sparse_initializer)
-    for t in big + undeclared_small:
-        if t.name not in declared:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return light, (names | {t.name for t in undeclared_small}) - declared
+_without_big_weights = without_weights  # the I/O layer's helper (older name)
 
 
 def tensor_shape(t: gs.Tensor) -> Shape | None:

@@ -123,6 +123,9 @@ class PassManager:
                 result = p(ctx)
             except GraphpruneError:
                 raise
+            except MemoryError:
+                raise BadInputError(f"out of memory in pass {p.name!r}: the model needs more memory than "
+                                    f"this machine has free") from None
             except Exception as exc:
                 raise PassError(
                     f"pass {p.name!r} failed after [{', '.join(done)}]: {type(exc).__name__}: {exc}"

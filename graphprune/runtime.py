@@ -6,7 +6,10 @@ import onnx
 
 from .errors import BadInputError
 
-__all__ = ["require_onnxruntime", "run_model", "synthetic_inputs"]
+__all__ = ["require_onnxruntime", "run_model", "synthetic_inputs", "model_source", "new_session", "decoder_sizes",
+           "PAST_TOKENS", "load_verify_inputs", "cache_head_size"]
+
+PAST_TOKENS = 3  # synthetic decoder inputs: a past of this many tokens, then `seq` new ones
 
 _INSTALL = "pip install 'graphprune[cpu]' (onnxruntime) or 'graphprune[gpu]' (onnxruntime-gpu), not both"
 
@@ -27,8 +30,25 @@ def session(model: onnx.ModelProto | str, threads: int = 0, optimize: bool = Tru
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    data = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return new_session(ort, model, opts, ["CPUExecutionProvider"])
+
+
+def new_session(ort, model: onnx.ModelProto | str, opts, providers: list):
+    """An InferenceSession of `model` (a path, or a proto: see :func:`model_source`)."""
+    src, keep = model_source(model, opts)
+    sess = ort.InferenceSession(src, opts, providers=providers)
+    sess._graphprune_weights = keep  # onnxruntime reads these buffers; they live as long as the session
+    return sess
+
+
+def model_source(model: onnx.ModelProto | str, opts) -> tuple:
+    """(what to hand onnxruntime, what must outlive the session) for `model`: a path as is; a
+    proto's bytes, or for a big model a scratch copy's path (see model_io.session_payload)."""
+    if isinstance(model, str):
+        return model, None
+    from .model_io import session_payload
+
+    return session_payload(model)
 
 
 def run_model(model: onnx.ModelProto | str, feeds: dict, optimize: bool = True) -> list[np.ndarray]:
@@ -43,11 +63,114 @@ _NP = {
 }
 
 
+def cache_head_size(model: onnx.ModelProto, cache: str, widths: dict | None = None) -> int | None:
+    """head_size of a cache input whose last axis is symbolic (onnxruntime-genai's `kv_cache_dim`):
+    read from the attention op that takes it (packed QKV width / (num_heads + 2 kv_num_heads), or
+    the key width / kv_num_heads), or from the new keys/values a Concat appends to it, with the
+    widths from onnx shape inference."""
+    widths = _static_last_dims(model) if widths is None else widths
+    for node in model.graph.node:
+        if cache not in node.input:
+            continue
+        if node.op_type in ("GroupQueryAttention", "MultiHeadAttention"):
+            hq = int(proto_attr(node, "num_heads", 0))
+            hkv = int(proto_attr(node, "kv_num_heads", hq))
+            packed = len(node.input) < 3 or not node.input[1]
+            src, n = (node.input[0], hq + 2 * hkv) if packed else (node.input[1], hkv)
+            width = widths.get(src)
+            if width and n > 0 and width % n == 0:
+                return width // n
+        elif node.op_type == "Concat":  # past -> Concat(past, new) -> present: the new part's head size
+            for other in node.input:
+                if other != cache and widths.get(other):
+                    return widths[other]
+    return None
+
+
+def proto_attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _static_last_dims(model: onnx.ModelProto) -> dict[str, int]:
+    """{tensor: static last axis size} from onnx shape inference (weights left out)."""
+    from .model_io import without_weights
+
+    try:
+        light, _ = without_weights(model)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    except Exception:  # an op onnx cannot infer: no sizes from here
+        return {}
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value > 0:
+            out[vi.name] = int(dims[-1].dim_value)
+    return out
+
+
+def decoder_sizes(model: onnx.ModelProto, batch: int, seq: int) -> dict[str, int] | None:
+    """Sizes of the symbolic axes of a decoder with past keys/values, or None for other models.
+
+    The past holds PAST_TOKENS tokens and `seq` new tokens follow: a symbolic axis named like a
+    past length gets PAST_TOKENS, a total length (or an expression such as `past + 1`) past + new,
+    the batch axis `batch`, a cache's symbolic head axis the attention op's head_size, any other
+    `seq`; the attention mask then spans past + new and position ids continue the past.
+    """
+    from .kv_cache import CACHE_NAME
+
+    init = {t.name for t in model.graph.initializer}
+    caches = [vi for vi in model.graph.input if vi.name not in init and CACHE_NAME.search(vi.name)
+              and len(vi.type.tensor_type.shape.dim) >= 3]
+    if not caches:
+        return None
+    if batch > 1 and any(n.op_type == "GroupQueryAttention" for n in model.graph.node):
+        seq = 1  # GroupQueryAttention takes a past with several new tokens at batch 1 only
+    sizes: dict[str, int] = {}
+    widths = None
+    for vi in caches:
+        dims = vi.type.tensor_type.shape.dim
+        last = dims[-1]
+        if last.dim_param and last.dim_param not in sizes:
+            widths = _static_last_dims(model) if widths is None else widths
+            d = cache_head_size(model, vi.name, widths)
+            if d:
+                sizes[last.dim_param] = d
+    for vi in model.graph.input:
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            name = d.dim_param
+            if not name or name in sizes or d.HasField("dim_value"):
+                continue
+            low = name.lower()
+            if k == 0 and "batch" in low or low in ("n", "b"):
+                sizes[name] = batch
+            elif "total" in low or "+" in name or "all" in low:
+                sizes[name] = PAST_TOKENS + seq
+            elif "past" in low or "cache" in low:
+                sizes[name] = PAST_TOKENS
+            elif k == 0:
+                sizes[name] = batch
+            else:
+                sizes[name] = seq
+    return sizes
+
+
 def synthetic_inputs(model: onnx.ModelProto, batch: int = 1, seq: int = 8, seed: int = 0,
                      shapes: dict | None = None) -> dict[str, np.ndarray]:
-    """Random inputs: the first dynamic axis gets `batch`, other dynamic axes `seq`."""
+    """Random inputs: the first dynamic axis gets `batch`, other dynamic axes `seq`.
+
+    A decoder with past keys/values (see :func:`decoder_sizes`) gets a consistent set: a past of
+    PAST_TOKENS tokens, `seq` new tokens, an all-ones mask over past + new, position ids that
+    continue the past.
+    """
     rng = np.random.default_rng(seed)
     init = {t.name for t in model.graph.initializer}
+    named = decoder_sizes(model, batch, seq)
+    # GroupQueryAttention's seqlens_k (input 5: total length - 1 per sequence) and total_sequence_length (6)
+    gqa_len = {n.input[i]: i for n in model.graph.node if n.op_type == "GroupQueryAttention"
+               for i in (5, 6) if i < len(n.input) and n.input[i]}
     feeds = {}
     for vi in model.graph.input:
         if vi.name in init:
@@ -60,13 +183,74 @@ def synthetic_inputs(model: onnx.ModelProto, batch: int = 1, seq: int = 8, seed:
             for k, d in enumerate(tt.shape.dim):
                 if d.HasField("dim_value") and d.dim_value > 0:
                     dims.append(d.dim_value)
+                elif named is not None and d.dim_param in named:
+                    dims.append(named[d.dim_param])
                 else:
                     dims.append(batch if k == 0 else seq)
         dtype = _NP.get(tt.elem_type, np.float32)
-        if np.issubdtype(dtype, np.floating):
+        low = vi.name.lower()
+        if named is not None and vi.name in gqa_len:
+            new = 1 if batch > 1 else seq
+            total = PAST_TOKENS + new
+            feeds[vi.name] = np.full(dims, total - 1 if gqa_len[vi.name] == 5 else total, dtype=dtype)
+        elif named is not None and "position" in low and np.issubdtype(dtype, np.integer) and dims:
+            start = PAST_TOKENS if dims[-1] < PAST_TOKENS + 1 or "total" not in low else 0
+            pos = np.arange(start, start + dims[-1], dtype=dtype)
+            feeds[vi.name] = np.broadcast_to(pos, dims).copy()
+        elif named is not None and "mask" in low and not np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = np.ones(dims, dtype=dtype)
+        elif np.issubdtype(dtype, np.floating):
             feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
         elif dtype == np.bool_:
             feeds[vi.name] = np.ones(dims, dtype=bool)
         else:
             feeds[vi.name] = rng.integers(0, 2, size=dims).astype(dtype)
+    return feeds
+
+
+def load_verify_inputs(source, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Feeds for --verify from a .npz file (one array per graph input, by name) or a dict.
+
+    Every graph input must be given, with its rank and static sizes; arrays are cast to the input's
+    element type when that loses nothing (float64 -> float32, int32 -> int64). Anything else is a
+    one-line BadInputError naming the input."""
+    if isinstance(source, dict):
+        arrays = {k: np.asarray(v) for k, v in source.items()}
+        label = "verify_inputs"
+    else:
+        label = str(source)
+        try:
+            with np.load(label, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except FileNotFoundError:
+            raise BadInputError(f"--verify-inputs {label}: no such file") from None
+        except Exception as exc:  # not an npz, pickled objects, truncated
+            raise BadInputError(f"--verify-inputs {label}: not a readable .npz file ({type(exc).__name__})") from None
+    init = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in init]
+    names = {vi.name for vi in inputs}
+    unknown = sorted(set(arrays) - names)
+    if unknown:
+        raise BadInputError(f"--verify-inputs {label}: {', '.join(unknown)} is not a graph input "
+                            f"(inputs: {', '.join(sorted(names))})")
+    missing = [vi.name for vi in inputs if vi.name not in arrays]
+    if missing:
+        raise BadInputError(f"--verify-inputs {label}: no array for graph input {', '.join(missing)}")
+    feeds = {}
+    for vi in inputs:
+        a = arrays[vi.name]
+        dims = vi.type.tensor_type.shape.dim
+        want = _NP.get(vi.type.tensor_type.elem_type, np.float32)
+        if a.ndim != len(dims) or any(d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != n
+                                      for d, n in zip(dims, a.shape)):
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            raise BadInputError(f"--verify-inputs {label}: {vi.name} has shape {list(a.shape)}, the model "
+                                f"takes {shape}")
+        if a.dtype != want:
+            if np.can_cast(a.dtype, want, casting="same_kind") or (a.dtype.kind == want().dtype.kind):
+                a = a.astype(want)
+            else:
+                raise BadInputError(f"--verify-inputs {label}: {vi.name} is {a.dtype}, the model takes "
+                                    f"{np.dtype(want)}")
+        feeds[vi.name] = a
     return feeds

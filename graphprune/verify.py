@@ -5,12 +5,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .dependency import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE, DependencyGraph, Dim
+from .dependency import DependencyGraph, Dim
+from .compare import compare_outputs
 from .graph import Model
-from .oprules.quant import bypass_activation_qdq, exact_integer_matmuls, zero_fill
+from .oprules.quant import QUANTIZED_OPS, bypass_activation_qdq, exact_integer_matmuls
+from .quantized import zero_fill
+from .roles import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE
 from .runtime import run_model, synthetic_inputs
 
-_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
 NOISE_FACTOR = 4.0  # an oracle error within this factor of float32 reordering noise passes
 
 __all__ = ["masked_model", "check_mask_equivalence", "compare_outputs"]
@@ -44,8 +46,7 @@ def masked_model(original: Model, dg: DependencyGraph, removed_labels: np.ndarra
         t = tensors[dim.tensor]
         if not isinstance(t, gs.Constant):
             continue
-        t.values = zero_fill(t, dim.axis, idx)  # 0, or the zero point of a quantized weight
-        t.data_location = None
+        model.store(t, zero_fill(t, dim.axis, idx))  # 0, or the zero point of a quantized weight
     _restrict_statistics(model, dg, removed)
     return model.to_proto(infer=False)
 
@@ -114,18 +115,6 @@ def _restrict_statistics(model: Model, dg: DependencyGraph, removed: dict) -> No
     graph.toposort()
 
 
-def compare_outputs(a: list, b: list) -> dict:
-    worst_abs, worst_rel = 0.0, 0.0
-    for x, y in zip(a, b):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        if x.shape != y.shape:
-            return {"max_abs": float("inf"), "max_rel": float("inf"), "shape_mismatch": [list(x.shape), list(y.shape)]}
-        diff = np.abs(x - y)
-        worst_abs = max(worst_abs, float(diff.max(initial=0)))
-        worst_rel = max(worst_rel, float(diff.max(initial=0) / (np.abs(x).max(initial=0) + 1e-12)))
-    return {"max_abs": worst_abs, "max_rel": worst_rel}
-
-
 # sizes tried for the dynamic non-batch axes: 8 first (cheap); where an input has dynamic spatial
 # axes (detectors and other fully convolutional nets need a multiple of their total stride: 8x8
 # images collapse to 1x1 before an upsample+concat) larger sizes follow when the original fails
@@ -163,9 +152,40 @@ def _has_dynamic_spatial_axes(model: onnx.ModelProto) -> bool:
                for d in list(vi.type.tensor_type.shape.dim)[2:])
 
 
+def _check_at_scale(masked: onnx.ModelProto, pruned: onnx.ModelProto, slices: dict, seed: int, rtol: float,
+                     size: int) -> dict:
+    """The oracle for a big model: one batch at one short sequence; the masked original, then
+    the pruned model, each run by onnxruntime from a scratch copy of its weights, one
+    session at a time (never both models in memory). The peak is onnxruntime's own: about the
+    model's size, more where it materialises a weight's transpose (a tied embedding)."""
+    from .errors import BadInputError
+    from .model_io import session_payload
+    from .verify_io import slice_arrays
+
+    feeds = synthetic_inputs(masked, batch=1, seq=size, seed=seed + 1)
+    names = [o.name for o in masked.graph.output]
+    try:  # each session is released when run_model returns
+        want = slice_arrays(dict(zip(names, run_model(session_payload(masked)[0], feeds))), slices)
+    except Exception as exc:
+        shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(f"--verify: the original model itself does not run on synthetic inputs ({shapes}): "
+                            f"{msg[:300]}") from None
+    pruned_inputs = {i.name for i in pruned.graph.input}
+    got = run_model(session_payload(pruned)[0],
+                    {k: v for k, v in slice_arrays(feeds, slices).items() if k in pruned_inputs})
+    cmp = compare_outputs([want[n] for n in names], got)
+    return {"batch1": cmp, "at_scale": f"big model: one batch at sequence {size}, models run one at a time",
+            "equivalent": bool(cmp["max_rel"] <= rtol)}
+
+
 def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: DependencyGraph, plan, groups,
-                           batches=(1, 5), seed: int = 0, rtol: float = 1e-4, sizes=SYNTHETIC_SIZES) -> dict:
-    """Run masked original and pruned model on the same inputs; report the worst error."""
+                           batches=(1, 5), seed: int = 0, rtol: float = 1e-4, sizes=SYNTHETIC_SIZES,
+                           feeds: dict | None = None) -> dict:
+    """Run masked original and pruned model on the same inputs; report the worst error.
+
+    `feeds` (the user's inputs, --verify-inputs) replace the synthetic ones: one run, reported as
+    "inputs"."""
     labels = plan.removed_labels(groups)
     masked = masked_model(original, dg, labels)
     results = {}
@@ -173,21 +193,30 @@ def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: Depende
     from .verify_io import compare_sliced, io_slices
 
     slices = io_slices(dg, labels)  # resized KV-cache inputs/outputs: the pruned model sees kept slices
+    if original.meta.big:
+        return _check_at_scale(masked, pruned, slices, seed, rtol, sizes[0])
     float_masked = bypass_activation_qdq(masked)
     # quantized models run unfused: onnxruntime's fusions (QDQ -> integer kernels, DynamicQuantizeLinear
     # + MatMulInteger -> DynamicQuantizeMatMul) quantize differently where the masked reference's extra
     # Gather/Where nodes stop a fusion
-    optimize = not any(n.op_type in _QUANT_OPS for n in masked.graph.node)
+    optimize = not any(n.op_type in QUANTIZED_OPS for n in masked.graph.node)
     if float_masked is not masked:  # fake-quantized activations: compare without their rounding
         masked, pruned = float_masked, bypass_activation_qdq(pruned)
         results["quantized_activations"] = "compared without activation Q/DQ rounding"
+    from .oprules.nbits import float_activation_nbits
+
+    if float_activation_nbits(masked) is not masked:  # MatMulNBits' on-the-fly int8 activations: compare in float
+        masked, pruned = float_activation_nbits(masked), float_activation_nbits(pruned)
+        results["quantized_activations"] = "MatMulNBits compared with float activations (accuracy_level 0)"
     exact_masked = exact_integer_matmuls(masked)
     if exact_masked is not masked:  # integer matmuls: exact arithmetic, not saturating kernels
         masked, pruned = exact_masked, exact_integer_matmuls(pruned)
         results["quantized_activations"] = "integer matmuls compared in exact arithmetic"
-    for b in batches:
-        feeds, size = _original_runs(original, masked, b, seed + b, sizes)
-        sizes = (size,)  # the other batches use the size that ran
+    given = feeds
+    for b in (["inputs"] if given is not None else batches):
+        if given is None:
+            feeds, size = _original_runs(original, masked, b, seed + b, sizes)
+            sizes = (size,)  # the other batches use the size that ran
         cmp = compare_sliced(masked, pruned, feeds, slices, optimize=optimize)
         if cmp["max_rel"] > rtol and np.isfinite(cmp["max_rel"]):
             # some graphs are ill-conditioned in float32 (saturated sigmoids, deep nets with large
@@ -197,7 +226,7 @@ def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: Depende
             noise = compare_outputs(run_model(masked, feeds), run_model(masked, feeds, optimize=False))["max_rel"]
             cmp["noise_floor"] = noise
             cmp["within_noise"] = bool(cmp["max_rel"] <= NOISE_FACTOR * noise)
-        results[f"batch{b}"] = cmp
+        results[f"batch{b}" if given is None else "inputs"] = cmp
         ok = ok and (cmp["max_rel"] <= rtol or cmp.get("within_noise", False))
     results["equivalent"] = ok
     return results

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .compare import compare_outputs
 from .runtime import run_model
-from .verify import compare_outputs
 
 __all__ = ["io_slices", "slice_arrays", "compare_sliced"]
 

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphprune.cost import node_cost_terms, param_cost_terms, spatial_hints
+from graphprune.dependency import installed_registry
 from graphprune.errors import BadInputError, NothingToPruneError
+from graphprune.options import PruneOptions
 from graphprune.pipeline import Pass, PassResult, PruneContext
 
 __all__ = ["AllocatePass", "PrunePlan", "CostTracker"]
@@ -36,8 +38,10 @@ class CostTracker:
         model = ctx.model
         self.sizes = np.array(dg.dim_size, dtype=np.float64)
         self.terms = {"macs": [], "params": []}
-        hints = spatial_hints(model)
-        terms = {"macs": [t for n in model.graph.nodes for t in node_cost_terms(n, hints)],
+        rules = installed_registry()  # the same rules model_cost asks
+        hints = spatial_hints(model, rules)
+        terms = {"macs": [t for n in model.graph.nodes for t in node_cost_terms(n, hints, opset=model.opset,
+                                                                                registry=rules)],
                  "params": param_cost_terms(model)}
         tensors = model.graph.tensors()
         from graphprune.graph import tensor_shape
@@ -151,8 +155,8 @@ class AllocatePass(Pass):
         if not candidates:
             raise NothingToPruneError(
                 "nothing to prune: every channel is pinned or protected (run `graphprune analyze` to see why)")
-        round_to = int(ctx.option("round_to", 8) or 1)
-        min_keep = float(ctx.option("min_keep", 0.1))
+        round_to = int(ctx.option("round_to", PruneOptions.default("round_to")) or 1)
+        min_keep = float(ctx.option("min_keep", PruneOptions.default("min_keep")))
         if ctx.option("uniform", False):
             plan = self._uniform(ctx, tracker, candidates, targets, round_to, min_keep)
         else:

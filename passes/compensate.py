@@ -35,6 +35,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.activations import ContractionView, SegmentRunner, find_views
 from graphprune.cost import model_cost
+from graphprune.oprules import rule_for
 from graphprune.dependency import ROLE_REDUCE
 from graphprune.graph import Model, tensor_shape
 from graphprune.oprules.quant import dequant_weight
@@ -239,33 +240,28 @@ def fit_layer(fit: LayerFit, w_kept: np.ndarray, mode: str, damp: float | None =
 
 
 def _add_bias(graph: gs.Graph, node: gs.Node, view: ContractionView, delta: np.ndarray, dtype) -> str:
-    """Add `delta` (per output) to the node's bias, creating one if needed; returns where."""
+    """Add `delta` (per output) to the node's bias input (as its op rule's weight layout names it),
+    creating one if needed, else to a following Add with a constant, else to a new Add; returns where."""
     delta = np.asarray(delta, np.float64)
-    if node.op == "Conv":
-        if len(node.inputs) >= 3 and isinstance(node.inputs[2], gs.Constant) and node.inputs[2].name:
-            b = node.inputs[2]
-            b.values = (np.asarray(b.values, np.float64) + delta).astype(b.values.dtype)
-            return "bias"
-        node.inputs.append(gs.Constant(f"{node.name or node.outputs[0].name}_gp_bias", delta.astype(dtype)))
-        return "new bias"
-    if node.op == "Gemm":
-        beta = float(node.attrs.get("beta", 1.0))
-        if len(node.inputs) >= 3 and node.inputs[2].name:
-            c = node.inputs[2]
+    rule = rule_for(node)
+    lay = rule.weight_layout(node) if rule is not None else None
+    if lay is not None and lay.bias is not None:
+        beta = float(node.attrs.get(lay.bias_scale_attr, 1.0)) if lay.bias_scale_attr else 1.0
+        if len(node.inputs) > lay.bias and node.inputs[lay.bias].name:
+            c = node.inputs[lay.bias]
             if isinstance(c, gs.Constant) and beta != 0:
-                v = np.asarray(c.values, np.float64)
-                c.values = (v + delta / beta).astype(c.values.dtype)
+                c.values = (np.asarray(c.values, np.float64) + delta / beta).astype(c.values.dtype)
                 return "bias"
         else:
             if beta == 0:
-                node.attrs["beta"] = 1.0
+                node.attrs[lay.bias_scale_attr] = 1.0
                 beta = 1.0
-            while len(node.inputs) < 2:
+            while len(node.inputs) < lay.bias:
                 node.inputs.append(gs.Variable.empty())
             node.inputs.append(gs.Constant(f"{node.name or node.outputs[0].name}_gp_bias",
                                            (delta / beta).astype(dtype)))
             return "new bias"
-    # MatMul (or a Gemm whose C is not a constant): a following Add with a constant, else a new Add
+    # no bias input (MatMul), or one that is not a constant: a following Add with a constant, else a new Add
     y = node.outputs[0]
     users = list(y.outputs)
     if len(users) == 1 and users[0].op == "Add":
@@ -352,7 +348,7 @@ def _residual_partner(graph: gs.Graph, view: ContractionView, kept: dict):
                 stack.extend(prod.inputs)
     else:
         return None
-    axis = 1 if view.kind == "conv" else len(ss) - 1
+    axis = view.y_axis % len(ss)
     return s.name, axis, kept.get((s.name, axis))
 
 

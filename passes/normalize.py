@@ -7,16 +7,14 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from graphprune.graph import Model
+from graphprune.oprules.fill import RANDOM_OPS
+from graphprune.oprules.quant import QUANTIZE_OPS
 from graphprune.pipeline import Pass, PassResult, PruneContext
 
 __all__ = ["NormalizePass", "fold_constants"]
 
-_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                     "Bernoulli"}
 _MAX_FOLD_ELEMENTS = 1 << 26
-# quantized weights stay quantized: folding DequantizeLinear(int8 constant) would silently turn a
-# QDQ model's weights into float ones
-_KEEP_QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+_NOT_FOLDED = set(RANDOM_OPS) | set(QUANTIZE_OPS)  # random draws; quantized weights stay quantized
 
 
 def _has_subgraph(node: gs.Node) -> bool:
@@ -45,7 +43,7 @@ def fold_constants(graph: gs.Graph, opsets: list) -> int:
     folded = 0
     graph.toposort()
     for node in list(graph.nodes):
-        if (node.domain or "") not in ("", "ai.onnx") or node.op in _NONDETERMINISTIC | _KEEP_QUANTIZED \
+        if (node.domain or "") not in ("", "ai.onnx") or node.op in _NOT_FOLDED \
                 or _has_subgraph(node):
             continue
         if not node.outputs or any(not isinstance(t, gs.Constant) for t in node.inputs if t.name):

@@ -63,16 +63,18 @@ def apply_plan(ctx: PruneContext) -> dict[tuple[str, int], np.ndarray]:
         by_tensor.setdefault(name, []).append((axis, idx))
     io = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
     io -= getattr(dg, "resizable_io", set())  # KV-cache inputs/outputs (prune_kv_cache) take the new sizes
+    bar = ctx.progress.bar(len(by_tensor), "rewrite: slicing weights")
     for name, axes in by_tensor.items():
         t = tensors[name]
         if isinstance(t, gs.Constant):
             values = np.asarray(t.values)
             for axis, idx in axes:
                 values = np.take(values, idx, axis=axis)
-            t.values = np.ascontiguousarray(values)
-            t.data_location = None  # now held inline
+            model.store(t, values)  # inline, or spilled to a scratch file in a big model
         elif name in io:
             raise AssertionError(f"graph input/output {name} would change shape")
+        bar.update()
+    bar.close()
     # intermediate shapes follow the kept counts (shape inference re-checks them; ops it cannot
     # see through, such as custom ones, keep correct shapes this way)
     for t in graph.tensors().values():

@@ -8,6 +8,7 @@ import numpy as np
 from graphprune.dependency import ROLE_PARAM, ROLE_REDUCE, GroupMember
 from graphprune.errors import BadInputError
 from graphprune.graph import const_values
+from graphprune.oprules import rule_for
 from graphprune.oprules.quant import dequantized
 from graphprune.pipeline import Pass, PassResult, PruneContext
 
@@ -17,8 +18,6 @@ __all__ = ["ScorePass", "ScoreContext", "DEFAULT_STATS_MEMORY"]
 
 DEFAULT_STATS_MEMORY = 1 << 30   # bytes of Hessians held at once while scoring
 
-_SCALE_INPUTS = {"BatchNormalization": (1,), "InstanceNormalization": (1,), "LayerNormalization": (1,),
-                 "GroupNormalization": (1,), "Mul": (0, 1)}
 
 
 class ScoreContext:
@@ -71,11 +70,14 @@ class ScoreContext:
             return False
         if self._users is None:
             self._users = {}
-            for node in self.context.model.graph.nodes:
+            model = self.context.model
+            for node in model.graph.nodes:
+                rule = rule_for(node, model.opset)
+                scales = rule.scale_inputs if rule is not None else ()
                 for i, t in enumerate(node.inputs):
-                    self._users.setdefault(t.name, []).append((node.op, i))
+                    self._users.setdefault(t.name, []).append(i in scales)
         uses = self._users.get(member.tensor, [])
-        return bool(uses) and all(i in _SCALE_INPUTS.get(op, ()) for op, i in uses)
+        return bool(uses) and all(uses)  # every use is an input its op rule calls a scale
 
     # -- activations --------------------------------------------------------------
     def _model_proto(self):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import onnx
 
 from graphprune.cost import model_cost
-from graphprune.graph import _without_big_weights
+from graphprune.model_io import check_model
 from graphprune.pipeline import Pass, PassResult, PruneContext
 
 __all__ = ["VerifyPass"]
@@ -18,18 +18,17 @@ class VerifyPass(Pass):
 
     def call(self, ctx: PruneContext) -> PassResult:
         proto = ctx.model.to_proto()
-        if proto.ByteSize() < 2**31 - 1:
-            try:  # weights declared as inputs: the same checks without serializing every weight
-                onnx.checker.check_model(_without_big_weights(proto)[0], full_check=True)
-            except _CHECK_ERRORS as exc:
-                # a defect the input already had is reported, not blamed on the rewrite
-                try:
-                    onnx.checker.check_model(_without_big_weights(ctx.original.to_proto())[0], full_check=True)
-                except _CHECK_ERRORS as orig_exc:
-                    ctx.report.setdefault("warnings", []).append(
-                        f"the input model fails onnx.checker too: {str(orig_exc).splitlines()[0]}")
-                else:
-                    raise exc
+        try:  # weights declared as inputs: the same checks without serializing any weight
+            check_model(proto, full_check=True)
+        except _CHECK_ERRORS as exc:
+            # a defect the input already had is reported, not blamed on the rewrite
+            try:
+                check_model(ctx.original.to_proto(materialize_data=False), full_check=True)
+            except _CHECK_ERRORS as orig_exc:
+                ctx.report.setdefault("warnings", []).append(
+                    f"the input model fails onnx.checker too: {str(orig_exc).splitlines()[0]}")
+            else:
+                raise exc
         before, after = model_cost(ctx.original), model_cost(ctx.model)
         ctx.report.update({
             "macs_before": int(before.macs), "macs_after": int(after.macs),
@@ -38,7 +37,12 @@ class VerifyPass(Pass):
             "params_ratio": after.params / before.params if before.params else 1.0,
         })
         if ctx.option("verify", False):
+            from graphprune.runtime import load_verify_inputs
             from graphprune.verify import check_mask_equivalence
 
-            ctx.report["oracle"] = check_mask_equivalence(ctx.original, proto, ctx.dependency, ctx.plan, ctx.groups)
+            given = ctx.option("verify_inputs", None)
+            feeds = None if given is None else load_verify_inputs(given, ctx.original.to_proto(infer=False,
+                                                                                               materialize_data=False))
+            ctx.report["oracle"] = check_mask_equivalence(ctx.original, proto, ctx.dependency, ctx.plan, ctx.groups,
+                                                          feeds=feeds)
         return PassResult()

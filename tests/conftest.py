@@ -10,12 +10,55 @@ import onnx.parser
 import pytest
 
 import graphprune
+from graphprune.dependency import DependencyGraph
 from graphprune.runtime import run_model, synthetic_inputs
 from graphprune.verify import check_mask_equivalence
 
-__all__ = ["assert_oracle", "make_model", "random_weight", "ORACLE_RTOL"]
+__all__ = ["assert_oracle", "make_model", "random_weight", "ORACLE_RTOL", "rule_failures", "assert_no_rule_failure",
+           "analyze_checked"]
 
 ORACLE_RTOL = 1e-4
+RULE_FAILED = ": rule failed ("  # the pin reason the analysis gives when an op rule raises
+
+
+def rule_failures(result) -> list[str]:
+    """Pin reasons saying an op rule raised, from a PruneResult / AnalysisResult / DependencyGraph."""
+    dg = result if isinstance(result, DependencyGraph) else result.context.dependency
+    return sorted({r for r in dg.dim_pin.values() if RULE_FAILED in r})
+
+
+def assert_no_rule_failure(result) -> None:
+    failures = rule_failures(result)
+    assert not failures, "an op rule raised during analysis (its channels were pinned): " + "; ".join(failures[:3])
+
+
+def analyze_checked(model, **kw) -> "graphprune.AnalysisResult":
+    """graphprune.analyze that fails the test when a rule raised (a crash must not pass as 'no groups')."""
+    res = graphprune.analyze(model, **kw)
+    assert_no_rule_failure(res)
+    return res
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "rule_failure_ok: the test expects an op rule to raise during analysis")
+
+
+@pytest.fixture(autouse=True)
+def _rule_failure_fails_the_test(monkeypatch, request):
+    """Every analysis in a test: a rule that raises fails the test (unless marked rule_failure_ok)."""
+    failures: list[str] = []
+    pin = DependencyGraph.pin
+
+    def recording_pin(self, dim, reason):
+        if RULE_FAILED in reason:
+            failures.append(reason)
+        return pin(self, dim, reason)
+
+    monkeypatch.setattr(DependencyGraph, "pin", recording_pin)
+    yield failures
+    if failures and request.node.get_closest_marker("rule_failure_ok") is None:
+        pytest.fail("an op rule raised during analysis (its channels were pinned): " + "; ".join(
+            sorted(set(failures))[:3]), pytrace=False)
 
 
 def random_weight(rng: np.random.Generator, shape) -> np.ndarray:
@@ -59,6 +102,7 @@ def _has_dynamic_batch(model: onnx.ModelProto) -> bool:
 def assert_oracle(model_proto_or_path, **prune_kwargs) -> "graphprune.PruneResult":
     """Prune with verify=True and check everything a pruned model must satisfy.
 
+    - no op rule raised during the analysis (a crash is pinned, and would pass unseen);
     - the mask-equivalence oracle holds (report["oracle"]["equivalent"]);
     - onnx.checker passes with full shape inference;
     - something was actually removed;
@@ -70,6 +114,7 @@ def assert_oracle(model_proto_or_path, **prune_kwargs) -> "graphprune.PruneResul
         prune_kwargs["target_flops"] = 0.6
     original = _load(model_proto_or_path)
     result = graphprune.prune(model_proto_or_path, verify=True, **prune_kwargs)
+    assert_no_rule_failure(result)
     oracle = result.report["oracle"]
     assert oracle["equivalent"], f"mask-equivalence oracle failed: {oracle}"
     onnx.checker.check_model(result.model, full_check=True)

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
+import onnx_graphsurgeon as gs
+
+from ..cost import CostTerm, static_size
+from ..graph import tensor_shape
 from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
-from .rules import Broadcast, LayerNorm, Unary
+from .elementwise import Broadcast, Unary
+from .norm import LayerNorm
 
 __all__ = ["register_contrib_rules"]
 
@@ -47,6 +52,17 @@ class Attention(OpRule):
     it is pinned unless prune_kv_cache is set). Unequal qkv_hidden_sizes, a run-time weight,
     a per-head attention bias or a state of another layout pin everything.
     """
+
+    def cost_terms(self, node: gs.Node, spatial: dict | None = None) -> list[CostTerm]:
+        """The packed QKV projection x . W (batch and sequence as 1 when dynamic)."""
+        if len(node.inputs) < 2 or not node.inputs[1].name or not node.inputs[0].name:
+            return []
+        xs = tensor_shape(node.inputs[0])
+        if xs is None or len(xs) != 3:
+            return []
+        w = node.inputs[1]
+        return [CostTerm(node.name or node.outputs[0].name, static_size(xs[0]) * static_size(xs[1]),
+                         [(w.name, 0), (w.name, 1)])]
 
     def analyze(self, ctx: RuleContext) -> None:
         x, w, b, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
 
-__all__ = ["register_fill_rules"]
+__all__ = ["register_fill_rules", "RANDOM_OPS"]
+
+# ops that draw random values: never evaluated ahead of time (constant folding leaves them)
+RANDOM_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
 
 
 class ConstantOfShape(OpRule):

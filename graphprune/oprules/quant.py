@@ -15,20 +15,21 @@ goes to the integer constant (see `RuleContext.role`), criteria read the dequant
 from __future__ import annotations
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
-from .base import OpRule, OpRuleRegistry, RuleContext
+from ..quantized import _DOMAINS, _axis, dequant_source, dequant_weight, dequantized, zero_fill
+from .base import OpRuleRegistry, RuleContext
+from .linear import MatMul
 
-__all__ = ["register_quant_rules", "dequant_source", "dequant_weight", "dequantized", "zero_fill",
+__all__ = ["QDQ_OPS", "QUANTIZE_OPS", "QUANTIZED_OPS", "register_quant_rules", "dequant_source", "dequant_weight",
+           "dequantized", "zero_fill",
            "bypass_activation_qdq"]
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-_DOMAINS = ("", "ai.onnx", "com.microsoft")
-
-
-def _axis(node: gs.Node, rank: int) -> int:
-    axis = int(node.attrs.get("axis", 1))
-    return axis + rank if axis < 0 else axis
+# ops that keep values quantized: constant folding leaves them (folding DequantizeLinear(int8 constant)
+# would silently turn a QDQ model's weights into float ones)
+QUANTIZE_OPS = QDQ_OPS + ("DynamicQuantizeLinear",)
+# every op of a quantized graph (onnxruntime fuses them in ways a masked reference can break)
+QUANTIZED_OPS = QUANTIZE_OPS + ("MatMulInteger", "ConvInteger")
 
 
 def _qdq(ctx: RuleContext) -> None:
@@ -81,14 +82,12 @@ def _dynamic_quantize(ctx: RuleContext) -> None:
         ctx.statistics(x, k)
 
 
-class _MatMulInteger(OpRule):
+class _MatMulInteger(MatMul):
     """MatMulInteger: MatMul on (A - a_zero_point) and (B - b_zero_point); a per-column B zero point
     ([N]) belongs to the output columns, a per-row A zero point ([M]) to A's rows."""
 
     def analyze(self, ctx: RuleContext) -> None:
-        from .rules import MatMul
-
-        MatMul().analyze(ctx)
+        super().analyze(ctx)
         a, b, y = ctx.input(0), ctx.input(1), ctx.output(0)
         for zp, t, axis in ((ctx.input(2), a, -2), (ctx.input(3), b, -1)):
             shape = ctx.shape(zp)
@@ -100,6 +99,9 @@ class _MatMulInteger(OpRule):
             else:
                 ctx.pin(zp, None, "zero point of an unknown layout")
 
+    def weight_layout(self, node: gs.Node):
+        return None  # integer operands: costed like a MatMul, no float contraction view
+
 
 def register_quant_rules(reg: OpRuleRegistry) -> None:
     from .base import FunctionRule
@@ -110,103 +112,6 @@ def register_quant_rules(reg: OpRuleRegistry) -> None:
             reg.register(op, rule, domain=domain)
     reg.register("DynamicQuantizeLinear", FunctionRule(_dynamic_quantize))
     reg.register("MatMulInteger", _MatMulInteger())
-
-
-# --------------------------------------------------------------------------- quantized weights
-
-
-def dequant_source(t: gs.Tensor) -> "tuple[gs.Constant, gs.Node] | None":
-    """(integer constant, DequantizeLinear node) when `t` is the output of a DQ of a constant."""
-    if isinstance(t, gs.Constant) or len(t.inputs) != 1:
-        return None
-    node = t.inputs[0]
-    if node.op != "DequantizeLinear" or (node.domain or "") not in _DOMAINS or not node.inputs:
-        return None
-    src = node.inputs[0]
-    return (src, node) if isinstance(src, gs.Constant) else None
-
-
-def _dq_consumer(c: gs.Constant) -> gs.Node | None:
-    """The DequantizeLinear that reads `c` as its quantized input, if every use of `c` is one."""
-    users = [n for n in c.outputs]
-    if not users or any(n.op != "DequantizeLinear" or (n.domain or "") not in _DOMAINS or n.inputs[0] is not c
-                        for n in users):
-        return None
-    return users[0]
-
-
-def dequant_weight(c: gs.Constant) -> bool:
-    """Whether `c` is a quantized weight: an integer constant that only DequantizeLinear reads, or
-    the B operand of MatMulInteger (onnxruntime's dynamic quantization)."""
-    return np.dtype(c.dtype).kind in "iub" and (_dq_consumer(c) is not None or
-                                                 _integer_matmul_zero_point(c) is not None)
-
-
-def _params(node: gs.Node, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of a DQ node, shaped to broadcast against its rank-`rank` input."""
-    def get(i, default):
-        if i < len(node.inputs) and node.inputs[i].name and isinstance(node.inputs[i], gs.Constant):
-            return np.asarray(node.inputs[i].values)
-        return np.asarray(default)
-
-    scale = get(1, 1.0).astype(np.float64)
-    zp = get(2, 0).astype(np.float64)
-    shape = [1] * rank
-    if scale.ndim == 1 and scale.size > 1 and rank:
-        shape[_axis(node, rank)] = scale.size
-        scale = scale.reshape(shape)
-    if zp.ndim == 1 and zp.size > 1 and rank:
-        shape = [1] * rank
-        shape[_axis(node, rank)] = zp.size
-        zp = zp.reshape(shape)
-    return scale, zp
-
-
-def dequantized(c: gs.Tensor) -> np.ndarray | None:
-    """The float values an integer constant stands for, when it is only read by DequantizeLinear
-    (per-tensor or per-axis scale); None otherwise."""
-    if not isinstance(c, gs.Constant) or np.asarray(c.values).dtype.kind not in "iub":
-        return None
-    node = _dq_consumer(c)
-    if node is None or int(node.attrs.get("block_size", 0) or 0) > 0:
-        return None
-    v = np.asarray(c.values)
-    scale, zp = _params(node, v.ndim)
-    return ((v.astype(np.float64) - zp) * scale).astype(np.float32)
-
-
-def _integer_matmul_zero_point(c: gs.Constant) -> np.ndarray | None:
-    """The zero point of `c` when every use is as B of MatMulInteger with the same constant
-    b_zero_point (scalar, or [N] per column), shaped to broadcast against `c`."""
-    users = list(c.outputs)
-    if not users or any(n.op != "MatMulInteger" or len(n.inputs) < 2 or n.inputs[1] is not c for n in users):
-        return None
-    zps = [n.inputs[3] if len(n.inputs) > 3 and n.inputs[3].name else None for n in users]
-    if zps[0] is None:
-        return np.zeros(1)
-    if not isinstance(zps[0], gs.Constant) or any(z is not zps[0] for z in zps):
-        return None
-    zp = np.asarray(zps[0].values).astype(np.float64)
-    return zp.reshape([1] * (np.ndim(c.values) - 1) + [-1]) if zp.ndim == 1 else zp
-
-
-def zero_fill(c: gs.Constant, axis: int, idx: np.ndarray) -> np.ndarray:
-    """`c`'s values with elements `idx` of `axis` set to what means 0: the zero point when `c` is
-    a quantized weight read by DequantizeLinear, else 0."""
-    values = np.array(c.values, copy=True)
-    sl = [slice(None)] * values.ndim
-    sl[axis] = idx
-    node = _dq_consumer(c) if values.dtype.kind in "iub" else None
-    if node is None:
-        zp = _integer_matmul_zero_point(c) if values.dtype.kind in "iub" else None
-        if zp is None:
-            values[tuple(sl)] = 0
-            return values
-    else:
-        _, zp = _params(node, values.ndim)
-    full = np.broadcast_to(zp, values.shape).astype(values.dtype)
-    values[tuple(sl)] = full[tuple(sl)]
-    return values
 
 
 def bypass_activation_qdq(proto):

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
+import onnx_graphsurgeon as gs
+
+from ..cost import CostTerm, static_size
+from ..graph import tensor_shape
 from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
 
 __all__ = ["register_recurrent_rules"]
@@ -26,6 +30,18 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 class Recurrent(OpRule):
     def __init__(self, gates: int):
         self.gates = gates
+
+    def cost_terms(self, node: gs.Node, spatial: dict | None = None) -> list[CostTerm]:
+        """Per time step and direction: x . W^T and h . R^T (sequence and batch as 1 when dynamic)."""
+        ins = [t if t.name else None for t in node.inputs]
+        if len(ins) <= 2 or ins[1] is None or ins[2] is None:
+            return []
+        xs = tensor_shape(ins[0]) if ins[0] is not None else None
+        steps = static_size(xs[0]) * static_size(xs[1]) if xs is not None and len(xs) == 3 else 1.0
+        name = node.name or node.outputs[0].name
+        w, r = ins[1], ins[2]
+        return [CostTerm(name, steps, [(w.name, 0), (w.name, 1), (w.name, 2)]),
+                CostTerm(name, steps, [(r.name, 0), (r.name, 1), (r.name, 2)])]
 
     def analyze(self, ctx: RuleContext) -> None:
         x, w, r = ctx.input(0), ctx.input(1), ctx.input(2)
