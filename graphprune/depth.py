@@ -214,12 +214,13 @@ _DEPTH_ONLY = ("depth", "drop_branches", "branch_criterion", "max_depth_fraction
                "verify", "verify_inputs")
 
 
-def prune_with_depth(model, o, registry=None, pipeline=None):
+def prune_with_depth(model, o, *, width_prune, result_cls, registry=None, pipeline=None):
     """Depth then width pruning for :class:`graphprune.options.PruneOptions` `o` (see the module
-    docstring); returns an api.PruneResult whose report has a ``depth`` section."""
+    docstring). `width_prune` is :func:`graphprune.prune` and `result_cls` its PruneResult (passed
+    in: this module sits below the API); the result's report has a ``depth`` section."""
     from dataclasses import fields
 
-    from .api import PruneResult, prune
+    prune, PruneResult = width_prune, result_cls
 
     if o.target_flops is None and o.target_params is None and o.drop_branches is None:
         raise BadInputError("give target_flops or target_params (a fraction in (0, 1] to keep) or drop_branches")

@@ -157,9 +157,11 @@ def test_zero_branches_removed_exactly(make, tmp_path):
     onnx.checker.check_model(res.model, full_check=True)
     assert res.report["macs_after"] < res.report["macs_before"]
     assert total > 0
+    dims = lambda m: [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+                      for v in list(m.graph.input) + list(m.graph.output)]
+    assert dims(res.model) == dims(proto)  # dynamic axes stay dynamic
     for batch, seq in ((1, 8), (3, 11)):  # outputs unchanged: the removed branches added zeros
-        shapes = None if proto.graph.input[0].type.tensor_type.shape.dim[1].HasField("dim_value") else None
-        feeds = synthetic_inputs(proto, batch=batch, seq=seq, seed=batch, shapes=shapes)
+        feeds = synthetic_inputs(proto, batch=batch, seq=seq, seed=batch)
         a, b = run_model(proto, feeds)[0], run_model(res.model, feeds)[0]
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
@@ -279,7 +281,7 @@ def test_cli_analyze_lists_branches(tmp_path, capsys):
     onnx.save(_resnet(), src)
     assert main(["analyze", str(src)]) == 0
     out = capsys.readouterr().out
-    assert "residual branches (4)" in out
+    assert "residual branches (4;" in out
 
 
 def test_cli_drop_branches(tmp_path, capsys):
