@@ -13,8 +13,9 @@ importance per branch, lower = safer to remove:
   together with those already chosen, changes the outputs least; scores are the step numbers.
 
 Allocation (``depth=True`` with a MACs/params target R): branches are taken in order of
-importance per MAC saved, lowest first, as long as the model stays at or above R - 0.02 of
-the original's cost and the taken count stays within ``max_depth_fraction`` of the branches;
+importance per MAC saved, lowest first, until the cost is <= R; a branch whose removal would
+take the cost below R - 0.02 is skipped (a smaller one may still fit), and at most
+``max_depth_fraction`` of the branches go (default 0.25, FinerCut's share);
 width pruning then takes the rest to R on the depth-pruned graph (target R x original /
 depth-pruned). ``drop_branches=N`` removes exactly the N lowest-ranked branches, then width
 prunes to the target if one is given. Branches containing a ``protect`` node never go.
@@ -159,7 +160,7 @@ def score_branches(model: Model, branches: list, criterion: str = "cosine", cali
 
 def choose_branches(branches: list, scores: list, total: float, *, target: float | None = None,
                     count: int | None = None, protected: set = frozenset(), cost: str = "macs",
-                    max_fraction: float = 0.5) -> list:
+                    max_fraction: float = 0.25) -> list:
     """Branches to remove: exactly `count`, or by importance per MAC while the cost stays >= target - BAND."""
     free = [(s, b) for s, b in zip(scores, branches) if b.id not in protected]
     if count is not None:
@@ -176,7 +177,7 @@ def choose_branches(branches: list, scores: list, total: float, *, target: float
             break
         after = left - getattr(b, cost)
         if after < (target - BAND) * total:
-            break  # the next one would overshoot: width pruning takes the rest
+            continue  # this one would overshoot the band: a smaller one may fit, width pruning takes the rest
         chosen.append(b)
         left = after
     return chosen

@@ -222,7 +222,8 @@ class PruneOptions:
                   "synthetic inputs), output-change, finercut (greedy one at a time), weight-norm (no run)",
         choices=_branch_criteria, commands=(PRUNE,), group=_DEPTH)
     max_depth_fraction: float = option(
-        0.5, "--depth removes at most this fraction of the residual branches (default: {default})",
+        0.25, "--depth removes at most this fraction of the residual branches (default: {default}; FinerCut "
+              "removes 25% of the sub-layers)",
         kind="fraction", metavar="F", commands=(PRUNE,), group=_DEPTH)
     progress: bool = option(False, "progress bars on stderr", kind="flag")
     policy: dict | None = option(None, "analysis policy switches (head_dim, prune_hidden, ...)")

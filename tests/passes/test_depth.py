@@ -182,7 +182,8 @@ def test_depth_reaches_target_width_cannot(make, tmp_path):
     assert planted and r < 1
     with pytest.raises(graphprune.errors.BadInputError):
         graphprune.prune(str(src), target_flops=r + 0.01, protect=["*"])
-    res = graphprune.prune(str(src), target_flops=r + 0.01, depth=True, verify=True, min_keep=1.0)
+    res = graphprune.prune(str(src), target_flops=r + 0.01, depth=True, verify=True, min_keep=1.0,
+                           max_depth_fraction=0.5)
     assert {b["add"] for b in res.report["depth"]["removed"]} == {b.add for b in branches if _adds_zero(proto, b)}
     assert r + 0.01 - 0.02 <= res.report["macs_ratio"] <= r + 0.01 + 1e-9
     assert res.report["oracle"]["equivalent"]
@@ -292,3 +293,29 @@ def test_cli_drop_branches(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "depth   2 of 4 residual branches removed" in text and "holds" in text
     assert main([str(src), "--drop-branches", "9", "--target-flops", "1", "-o", str(out)]) == 2
+
+
+def test_choose_branches_band_and_skip():
+    from graphprune.branches import ResidualBranch
+    from graphprune.depth import choose_branches
+
+    bs = [ResidualBranch(k, f"a{k}", "x", "f", "y", macs=m) for k, m in enumerate([40.0, 10.0, 5.0, 30.0])]
+    # total 100, target 0.8; score per MAC: a0 0, a1 0.1, a3 0.1, a2 0.2. a0 (40) and a3 (30) would
+    # overshoot 0.78 and are skipped; a1 and a2 go (85 left), width pruning takes the rest
+    got = choose_branches(bs, [0.0, 1.0, 1.0, 3.0], 100.0, target=0.8, max_fraction=1.0)
+    assert [b.id for b in got] == [1, 2]
+    assert [b.id for b in choose_branches(bs, [0.0, 1.0, 1.0, 3.0], 100.0, target=0.62, max_fraction=1.0)] == [0]
+    assert choose_branches(bs, [0, 1, 1, 3], 100.0, target=0.8, max_fraction=0.25) == [bs[1]]
+    assert [b.id for b in choose_branches(bs, [3, 2, 1, 0], 100.0, count=2, protected={3})] == [2, 1]
+
+
+def test_cli_bad_depth_options(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(_resnet(), src)
+    for argv in (["--drop-branches", "-1"], ["--drop-branches", "1", "--branch-criterion", "nope"]):
+        with pytest.raises(SystemExit) as exc:  # the parser's one-line error, exit 2
+            main([str(src), *argv, "-o", str(tmp_path / "o.onnx")])
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error") == 2 and "Traceback" not in err
+    assert not (tmp_path / "o.onnx").exists()
