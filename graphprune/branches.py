@@ -118,7 +118,7 @@ def find_branches(model: Model) -> list[ResidualBranch]:
     graph_inputs = {t.name for t in graph.inputs}
     branches: list[ResidualBranch] = []
     for add in graph.nodes:
-        if add.op != "Add" or len(add.inputs) != 2 or len(add.outputs) != 1:
+        if not (add.op == "Add" and len(add.inputs) == 2 and len(add.outputs) == 1) and not _fused_skip(model, add):
             continue
         y = add.outputs[0]
         for x, f in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
@@ -149,6 +149,36 @@ def find_branches(model: Model) -> list[ResidualBranch]:
     return branches
 
 
+def _fused_skip(model: Model, node: gs.Node) -> bool:
+    """com.microsoft SkipLayerNormalization: LayerNorm(input + skip + bias), the residual Add fused in.
+    A branch through it is removable where the op becomes a LayerNormalization (opset >= 17) and its
+    mean / inv_std_var outputs are unused."""
+    if node.op != "SkipLayerNormalization" or (node.domain or "") != "com.microsoft" or model.opset < 17:
+        return False
+    return all(not t.outputs and t.name not in {o.name for o in model.graph.outputs}
+               for t in node.outputs[1:3] if t.name)
+
+
+def _unfuse_skip(graph: gs.Graph, node: gs.Node, x: gs.Tensor) -> None:
+    """SkipLayerNormalization(x, f, gamma, beta, bias) without f: LayerNormalization(x + bias)."""
+    ins = list(node.inputs) + [gs.Variable.empty()] * (5 - len(node.inputs))
+    gamma, beta, bias = ins[2], ins[3], ins[4]
+    src = x
+    if bias.name:
+        src = gs.Variable(f"{node.name}_gp_biased", dtype=x.dtype, shape=x.shape)
+        graph.nodes.append(gs.Node("Add", name=f"{node.name}_gp_bias", inputs=[x, bias], outputs=[src]))
+    outs = list(node.outputs)
+    if len(outs) > 3 and outs[3].name:  # input_skip_bias_sum is now x (+ bias)
+        total = outs[3]
+        graph.nodes.append(gs.Node("Identity", name=f"{node.name}_gp_sum", inputs=[src], outputs=[total]))
+    node.op, node.domain = "LayerNormalization", None
+    node.attrs = {"axis": -1, "epsilon": float(node.attrs.get("epsilon", 1e-12))}
+    node.inputs.clear()
+    node.inputs.extend([src, gamma] + ([beta] if beta.name else []))
+    node.outputs.clear()
+    node.outputs.extend(outs[:1])
+
+
 def protected_branches(branches: list[ResidualBranch], patterns) -> set[int]:
     """Ids of the branches containing a node (or whose Add is) matched by a --protect glob."""
     pats = list(patterns or ())
@@ -168,9 +198,12 @@ def remove_branches(model: Model, chosen: list[ResidualBranch]) -> Model:
     for b in chosen:
         add = nodes[b.add]
         x, y = tensors[b.shortcut], tensors[b.output]
-        if b.output in output_names:  # keep the output's name: y = Identity(x)
+        if add.op == "SkipLayerNormalization":
+            _unfuse_skip(graph, add, x)
+        elif b.output in output_names:  # keep the output's name: y = Identity(x)
             add.op, add.attrs = "Identity", {}
-            add.inputs[:] = [x]
+            add.inputs.clear()
+            add.inputs.append(x)
         else:
             for consumer in list(y.outputs):
                 for k, t in enumerate(consumer.inputs):
@@ -195,7 +228,7 @@ def zero_branches(proto: onnx.ModelProto, chosen: list[ResidualBranch]) -> onnx.
               list(ref.graph.value_info) + list(ref.graph.input) + list(ref.graph.output)}
     new_nodes = []
     for node in ref.graph.node:
-        if (node.name or node.output[0]) in adds and node.op_type == "Add":
+        if (node.name or node.output[0]) in adds:
             for k, t in enumerate(node.input):
                 if t in names:
                     zero = f"{t}__gp_zero"

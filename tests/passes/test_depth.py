@@ -319,3 +319,77 @@ def test_cli_bad_depth_options(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("error") == 2 and "Traceback" not in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+SKIP_LN = """
+<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+g (float[B, T, 16] x) => (float[B, T, 4] out) <float[16, 32] w1, float[32, 16] w2, float[16, 32] w3, float[32, 16] w4,
+    float[16] g1, float[16] b1, float[16] g2, float[16] b2, float[16] bias, float[16, 4] wh> {
+    h1 = MatMul(x, w1)
+    r1 = Relu(h1)
+    f1 = MatMul(r1, w2)
+    y1, m1, v1, s1 = com.microsoft.SkipLayerNormalization <epsilon: float = 1e-5> (x, f1, g1, b1, bias)
+    h2 = MatMul(y1, w3)
+    r2 = Relu(h2)
+    f2 = MatMul(r2, w4)
+    y2 = com.microsoft.SkipLayerNormalization <epsilon: float = 1e-5> (f2, y1, g2, b2)
+    z = Add(y2, s1)
+    out = MatMul(z, wh)
+}
+"""
+
+
+def _skip_ln_model(zero_second: bool) -> onnx.ModelProto:
+    m = onnx.parser.parse_model(SKIP_LN)
+    rng = np.random.default_rng(0)
+    for init in ("w1", "w2", "w3", "w4", "g1", "b1", "g2", "b2", "bias", "wh"):
+        shape = {"w1": (16, 32), "w3": (16, 32), "w2": (32, 16), "w4": (32, 16), "wh": (16, 4)}.get(init, (16,))
+        v = rng.standard_normal(shape).astype(np.float32)
+        if init == "w4" and zero_second:
+            v[:] = 0
+        m.graph.initializer.append(onnx.numpy_helper.from_array(v, init))
+    return m
+
+
+def test_fused_skip_layernorm_branches(tmp_path):
+    """Fused residual (com.microsoft SkipLayerNormalization, either operand order, with bias and the
+    sum output): the branch is found and removing it leaves a LayerNormalization of x (+ bias)."""
+    proto = _skip_ln_model(zero_second=True)
+    branches = find_branches(Model.from_proto(proto))
+    assert [b.add for b in branches] and len(branches) == 2
+    for chosen in ([branches[0]], [branches[1]], branches):
+        shallow = remove_branches(Model.from_proto(proto), chosen).to_proto()
+        onnx.checker.check_model(shallow, full_check=True)
+        assert not any(n.op_type == "MatMul" and n.input[1] in {"w1", "w2"} for n in shallow.graph.node) \
+            or branches[0] not in chosen
+        assert check_depth_equivalence(proto, shallow, chosen)["equivalent"]
+    src = tmp_path / "m.onnx"
+    onnx.save(proto, src)
+    res = graphprune.prune(str(src), drop_branches=1, target_flops=1.0, verify=True)
+    assert res.report["oracle"]["equivalent"]
+    feeds = synthetic_inputs(proto, batch=2, seq=5, seed=1)
+    np.testing.assert_allclose(run_model(res.model, feeds)[0], run_model(proto, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_branch_whose_sum_is_a_graph_output_and_broadcast_bias_is_not_a_branch():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 8] x) => (float[N, 8] y, float[N, 8] z) <float[8, 8] w, float[8] b> {
+        f = MatMul(x, w)
+        y = Add(x, f)
+        z = Add(y, b)
+    }
+    """
+    m = onnx.parser.parse_model(text)
+    m.graph.initializer.extend([onnx.numpy_helper.from_array(np.ones((8, 8), np.float32), "w"),
+                                onnx.numpy_helper.from_array(np.ones(8, np.float32), "b")])
+    branches = find_branches(Model.from_proto(m))
+    assert [(b.shortcut, b.branch_output, b.output) for b in branches] == [("x", "f", "y")]
+    shallow = remove_branches(Model.from_proto(m), branches).to_proto()
+    onnx.checker.check_model(shallow, full_check=True)
+    assert [o.name for o in shallow.graph.output] == ["y", "z"]
+    feeds = {"x": np.arange(24, dtype=np.float32).reshape(3, 8)}
+    y, z = run_model(shallow, feeds)
+    np.testing.assert_array_equal(y, feeds["x"])
+    np.testing.assert_array_equal(z, feeds["x"] + 1)
+    assert check_depth_equivalence(m, shallow, branches)["equivalent"]
