@@ -117,6 +117,13 @@ class OptionSpec:
 _FLOAT_CHECKS = {"ratio": check_ratio, "fraction": check_fraction, "non_negative": check_non_negative}
 
 _CALIB = "accuracy without fine-tuning"
+_DEPTH = "depth pruning (whole residual branches)"
+
+
+def _branch_criteria() -> list[str]:
+    from .depth import branch_criterion_names  # the branch criterion registry (user criteria included)
+
+    return branch_criterion_names()
 
 
 def option(default, help: str = "", **spec):
@@ -202,6 +209,22 @@ class PruneOptions:
     verify_inputs: Any = option(
         None, "run the --verify oracle on these inputs (a .npz with one array per graph input, by name, or a dict "
               "in the API) instead of synthetic ones; implies --verify", metavar="NPZ", commands=(PRUNE,))
+    depth: bool = option(
+        False, "depth pruning: whole residual branches (attention/MLP sub-layers, CNN residual blocks) are "
+               "candidates alongside channels for the target; branches go first by importance per MAC while the "
+               "cost stays >= R-0.02, width pruning takes the rest", kind="flag", commands=(PRUNE,), group=_DEPTH)
+    drop_branches: int | None = option(
+        None, "remove exactly N residual branches (the N least important; --protect keeps a branch), then "
+              "width-prune to the target if one is given", kind="int>=0", metavar="N", commands=(PRUNE,),
+        group=_DEPTH)
+    branch_criterion: str = option(
+        "cosine", "residual branch importance (default: {default}): cosine (1 - cos(x, x+f(x)) on --calib or "
+                  "synthetic inputs), output-change, finercut (greedy one at a time), weight-norm (no run)",
+        choices=_branch_criteria, commands=(PRUNE,), group=_DEPTH)
+    max_depth_fraction: float = option(
+        0.25, "--depth removes at most this fraction of the residual branches (default: {default}; FinerCut "
+              "removes 25% of the sub-layers)",
+        kind="fraction", metavar="F", commands=(PRUNE,), group=_DEPTH)
     progress: bool = option(False, "progress bars on stderr", kind="flag")
     policy: dict | None = option(None, "analysis policy switches (head_dim, prune_hidden, ...)")
 
