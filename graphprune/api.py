@@ -119,6 +119,11 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
     names the closest option.
     """
     o = PruneOptions.from_kwargs(target_flops=target_flops, **options)
+    if o.depth or o.drop_branches is not None:  # residual branches first, then width (graphprune/depth.py)
+        from .depth import prune_with_depth
+
+        return prune_with_depth(model, o, width_prune=prune, result_cls=PruneResult, registry=registry,
+                                pipeline=pipeline)
     if o.target_flops is None and o.target_params is None:
         raise BadInputError("give target_flops or target_params (a fraction in (0, 1] to keep)")
     opts = o.context_options()

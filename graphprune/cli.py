@@ -101,9 +101,10 @@ def _json_default(o):
 def _run_prune(args) -> int:
     from .api import prune
 
-    if args.target_flops is None and args.target_params is None and args.target_latency is None:
+    if args.target_flops is None and args.target_params is None and args.target_latency is None \
+            and args.drop_branches is None:
         raise BadInputError("give --target-flops R, --target-params R or --target-latency R (the fraction to keep, "
-                            "in (0, 1])")
+                            "in (0, 1]) or --drop-branches N")
     if args.target_latency is not None and (args.target_flops is not None or args.target_params is not None):
         raise BadInputError("--target-latency chooses the FLOPs target itself; drop --target-flops/--target-params")
     src = Path(args.model)
@@ -170,6 +171,11 @@ def _run_prune(args) -> int:
               + (f"  at {at}" if at else ""))
         print(f"params  {_fmt(r['params_before'])} -> {_fmt(r['params_after'])}  ({r['params_ratio']:.3f})")
         print(f"groups  {len(r['groups'])} found, {pruned} pruned; {len(r['pinned'])} weight axes pinned")
+        if "depth" in r:
+            dep = r["depth"]
+            kinds = ", ".join(f"{b['kind']} {b['add']}" for b in dep["removed"])
+            print(f"depth   {len(dep['removed'])} of {dep['branches']} residual branches removed"
+                  f"{': ' + kinds if kinds else ''}")
         for h in r.get("hidden", []):
             print(f"hidden  {h['before']} -> {h['after']}  ({h['name']})")
         if "hidden" in r and not r["hidden"]:
@@ -260,6 +266,13 @@ def _run_analyze(argv) -> int:
         print("  none")
     for p in res.pinned:
         print(f"  {p.tensor}[{p.axis}] {p.count} ch: {p.reason}")
+    from .branches import find_branches
+
+    branches = find_branches(res.context.model)
+    d["branches"] = [b.to_dict() for b in branches]
+    print(f"\nresidual branches ({len(branches)}; removable whole with --depth / --drop-branches):")
+    for b in branches:
+        print(f"  #{b.id:<3} {b.kind:<9} {_fmt(b.macs):>9} MACs  {b.add} ({len(b.nodes)} nodes)")
     print(f"\nMACs per layer (top {args.top}):")
     for name, macs in sorted(d["macs_per_node"].items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"  {_fmt(macs):>9}  {name}")
