@@ -582,9 +582,13 @@ class CompensatePass(Pass):
             res = fit_layer(fit, j["w_pr"], mode, damp, select)
             w_t = tensors[j["key"][0]]
             if not np.any(res["delta"]) and res["weight"] is j["w_pr"]:
-                report["layers"].append({"node": j["pr"].node, "weight": j["key"][0], "damp": res["damp"],
-                                         "kept_inputs": int(j["w_pr"].shape[1]), "unchanged": True,
-                                         "heldout_check": res["heldout_check"]})
+                entry = {"node": j["pr"].node, "weight": j["key"][0], "damp": res["damp"],
+                         "kept_inputs": int(j["w_pr"].shape[1]), "unchanged": True,
+                         "heldout_check": res["heldout_check"]}
+                if "error_before" in res and res["target_energy"] > 0:
+                    entry["rel_err_before"] = entry["rel_err_after"] = float(
+                        np.sqrt(res["error_before"] / res["target_energy"]))
+                report["layers"].append(entry)
                 continue
             if mode == "obs":
                 w_t.values = j["pr"].from_weight_matrix(res["weight"], np.asarray(w_t.values))
