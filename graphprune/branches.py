@@ -108,13 +108,13 @@ def _branch_nodes(graph: gs.Graph, add: gs.Node, f: gs.Tensor, order: dict, cach
     return [n for n in graph.nodes if id(n) in member]
 
 
-def find_branches(model: Model) -> list[ResidualBranch]:
+def find_branches(model: Model, shape: dict | None = None) -> list[ResidualBranch]:
     """Every residual branch of the graph (see the module docstring)."""
     graph = model.graph
     graph.toposort()
     order = {id(n): k for k, n in enumerate(graph.nodes)}
     cache = cache_io(graph)
-    per_node = model_cost(model).per_node
+    per_node = model_cost(model, shape=shape).per_node  # at the concrete input shape (cost.input_shapes)
     graph_inputs = {t.name for t in graph.inputs}
     branches: list[ResidualBranch] = []
     for add in graph.nodes:

@@ -227,9 +227,9 @@ def prune_with_depth(model, o, *, width_prune, result_cls, registry=None, pipeli
         raise BadInputError("give target_flops or target_params (a fraction in (0, 1] to keep) or drop_branches")
     m = Model.load(model)
     original = m.to_proto()
-    branches = find_branches(m)
+    branches = find_branches(m, o.shape)
     protected = protected_branches(branches, o.protect)
-    before = model_cost(m)
+    before = model_cost(m, shape=o.shape)  # at the concrete input shape, as the width pass counts
     data = None
     if o.calib is not None:
         from .calibration import load_calibration
@@ -244,7 +244,7 @@ def prune_with_depth(model, o, *, width_prune, result_cls, registry=None, pipeli
                              count=o.drop_branches, protected=protected, cost=cost,
                              max_fraction=o.max_depth_fraction)
     shallow = remove_branches(m, chosen)
-    mid = model_cost(shallow)
+    mid = model_cost(shallow, shape=o.shape)
     depth_report = {"branches": len(branches), "criterion": o.branch_criterion,
                     "protected": [b.add for b in branches if b.id in protected],
                     "removed": [b.to_dict() | {"score": scores[b.id]} for b in chosen],
@@ -266,12 +266,12 @@ def prune_with_depth(model, o, *, width_prune, result_cls, registry=None, pipeli
 
         pruned, report, dg, plan, groups = shallow_proto, {"groups": [], "pinned": []}, None, None, None
         ctx = PruneContext(model=shallow, original=m, options={}, progress=Progress(False))
-    after = model_cost(Model.from_proto(pruned))
+    after = model_cost(Model.from_proto(pruned), shape=o.shape)
     report.update({"macs_before": int(before.macs), "macs_after": int(after.macs),
                    "params_before": int(before.params), "params_after": int(after.params),
                    "macs_ratio": after.macs / before.macs if before.macs else 1.0,
                    "params_ratio": after.params / before.params if before.params else 1.0,
-                   "depth": depth_report})
+                   "cost_shape": {k: list(v) for k, v in before.input_shape.items()}, "depth": depth_report})
     report.setdefault("prune_seconds", 0.0)
     if o.verify or o.verify_inputs is not None:
         onnx.checker.check_model(pruned, full_check=True)

@@ -121,7 +121,7 @@ def load_setup(name: str, out: Path, samples: int) -> dict:
         metric = "cosine"
     ref = graphprune.fidelity._collect(__import__("onnx").load(str(path)), calib.heldout)
     return {"name": name, "path": str(path), "calib": calib, "metric": metric, "ref": ref,
-            "macs": macs_of(str(path))}
+            "macs": macs_of(str(path)), "sentences": sents[:samples] if name == "minilm" else None}
 
 
 def score(setup: dict, proto) -> dict:
@@ -136,10 +136,10 @@ def score(setup: dict, proto) -> dict:
 FLAGS = {"cv": {"compensate_select": "cv"}, "residual": {"compensate_residual": True}}
 
 
-def _flag_label(flags) -> str:
+def _flag_label(flags, unit: str = "crops") -> str:
     named = [f for f in flags if not f.startswith("calib=")]
     crops = [f.split("=", 1)[1] for f in flags if f.startswith("calib=")]
-    text = ", ".join(named) + (f"; {crops[0]} calibration crops" if crops else "")
+    text = ", ".join(named) + (f"; {crops[0]} calibration {unit}" if crops else "")
     return f" ({text})" if text else ""
 
 
@@ -150,11 +150,25 @@ def run_graphprune(setup, target, criterion, comp, flags=()) -> dict:
     for f in flags:
         if f.startswith("calib=") and setup["name"] == "lite0":   # more calibration crops, same held-out crops
             calib = lite0_data(int(f.split("=", 1)[1]))
+        if f.startswith("calib=") and setup["name"] == "minilm":
+            # N of the calibration sentences; their last fifth is held out for compensation's own
+            # fidelity check (the scoring sentences stay unseen)
+            from models import pretrained as P
+
+            n = int(f.split("=", 1)[1])
+            sents = setup["sentences"][:n]
+            k = n - max(1, n // 5)
+            calib = CalibrationData(P.minilm_batches(sents[:k]), P.minilm_batches(sents[k:]),
+                                    source=f"{k} template-grammar sentences ({n - k} held out)")
+            opts["fidelity"] = True
+    opts.setdefault("fidelity", False)
     r = graphprune.prune(setup["path"], target_flops=target, criterion=criterion, compensate=comp,
-                         calib=calib, fidelity=False, round_to=8, **opts)
+                         calib=calib, round_to=8, **opts)
     secs = time.perf_counter() - t0
     res = score(setup, r.model)
     res.update({"macs_ratio": macs_of(r.model) / setup["macs"], "seconds": secs})
+    if "kept" in r.report.get("compensation", {}):
+        res["compensation_kept"] = r.report["compensation"]["kept"]
     return res
 
 
@@ -372,7 +386,7 @@ def main(argv=None) -> int:
                 runs.append((*ck.split("+"), tuple(f for f in fl.split(",") if f)))
             runs.sort(key=lambda r: not (r[:2] == ("obs", "obs") and r[2]))   # the headline setting first
             for target in args.targets:
-                jobs = [(f"graphprune {c}" + ("" if k == "none" else f" + {k}") + _flag_label(f),
+                jobs = [(f"graphprune {c}" + ("" if k == "none" else f" + {k}") + _flag_label(f, "crops" if model == "lite0" else "sentences"),
                          lambda c=c, k=k, f=f: run_graphprune(setup, target, c, k, f)) for c, k, f in runs]
                 for peer in args.peers[::-1]:
                     if peer == "torch-pruning":
