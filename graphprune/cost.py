@@ -122,7 +122,9 @@ def concrete_shape(t: gs.Tensor, shapes: dict | None):
 def concrete_shapes(model: Model, given: dict | None = None, registry=None) -> dict[str, tuple[int, ...]]:
     """{tensor: static shape} at the concrete input shape (see input_shapes): onnx shape inference
     with data propagation, then graphprune's refinement (shape sub-graphs evaluated), on a copy
-    whose inputs are fixed. Folded axes (heads or windows merged into the batch axis) and dynamic
+    whose inputs are fixed; tensors of costed nodes still unknown after that (a run-time shape
+    chain inference cannot follow) are read from one onnxruntime run at that shape, for models
+    under 1 GiB of weights. Folded axes (heads or windows merged into the batch axis) and dynamic
     image sizes get their real sizes this way. {} when every costed tensor is static already (or
     inference fails). Cached on the model for its current graph and shape."""
     key = tuple(sorted((k, tuple(v)) for k, v in (given or {}).items()))
@@ -144,15 +146,69 @@ def concrete_shapes(model: Model, given: dict | None = None, registry=None) -> d
             del proto.graph.value_info[:]
             for vi in proto.graph.output:
                 vi.type.tensor_type.ClearField("shape")
-            fixed = Model.from_proto(proto, model.meta).graph.tensors()  # refines run-time shapes too
-            for name, t in fixed.items():
-                shape = tensor_shape(t)
-                if shape is not None and all(isinstance(d, int) and d >= 0 for d in shape):
-                    out[name] = tuple(shape)
+            fixed = Model.from_proto(proto, model.meta)  # refines run-time shapes too
+            for _ in range(16):  # a deep graph of run-time shape chains needs more refinement rounds
+                found = {name: tuple(shape) for name, t in fixed.graph.tensors().items()
+                         if (shape := tensor_shape(t)) is not None
+                         and all(isinstance(d, int) and d >= 0 for d in shape)}
+                if len(found) <= len(out):
+                    break
+                out = found
+                fixed = Model.from_proto(fixed.to_proto(infer=False, materialize_data=False), model.meta)
+            missing = _unresolved(model, out, registry)
+            if missing:
+                out.update(_run_shapes(model, shapes, missing))
         except Exception:  # no concrete shapes: dynamic axes count as 1
             out = {}
     model.__dict__["_concrete_shapes"] = (model.graph, key, out)
     return out
+
+
+def _unresolved(model: Model, found: dict, registry) -> list[str]:
+    """Tensors of costed nodes whose concrete shape inference could not settle."""
+    names = []
+    for node in model.graph.nodes:
+        ts = [t for t in (*node.inputs, *node.outputs) if t.name and not isinstance(t, gs.Constant)]
+        if any(t.name not in found for t in ts) and node_cost_terms(node, opset=model.opset, registry=registry):
+            names += [t.name for t in ts if t.name not in found]
+    return sorted(set(names))
+
+
+# run-time shapes are read by running the model (zeros at the concrete input shape) only below this
+_RUN_SHAPES_MAX_BYTES = 1 << 30
+
+
+def _run_shapes(model: Model, shapes: dict, names: list[str]) -> dict[str, tuple]:
+    """Shapes of `names` from one onnxruntime run at the concrete input shape (zeros as inputs), for
+    run-time shape chains static inference cannot follow; {} without onnxruntime, for big models,
+    or when the run fails."""
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError:
+        return {}
+    weights = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in model.graph.tensors().values()
+                  if isinstance(t, gs.Constant) and t.dtype is not None)
+    if weights > _RUN_SHAPES_MAX_BYTES:
+        return {}
+    try:
+        proto = model.to_proto(infer=False)
+        tensors = model.graph.tensors()
+        have = {o.name for o in proto.graph.output}
+        for name in names:
+            t = tensors.get(name)
+            if t is not None and t.dtype is not None and name not in have:
+                proto.graph.output.append(onnx.helper.make_tensor_value_info(
+                    name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), None))
+        feeds = {t.name: np.zeros(shapes[t.name], np.dtype(t.dtype)) for t in model.graph.inputs if t.name in shapes}
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        outs = [o.name for o in sess.get_outputs()]
+        return {n: tuple(int(d) for d in v.shape) for n, v in zip(outs, sess.run(outs, feeds)) if n in set(names)}
+    except Exception:
+        return {}
 
 
 def spatial_hints(model: Model, registry=None, given: dict | None = None) -> dict[str, tuple]:
