@@ -146,22 +146,29 @@ def concrete_shapes(model: Model, given: dict | None = None, registry=None) -> d
             del proto.graph.value_info[:]
             for vi in proto.graph.output:
                 vi.type.tensor_type.ClearField("shape")
-            fixed = Model.from_proto(proto, model.meta)  # refines run-time shapes too
-            for _ in range(16):  # a deep graph of run-time shape chains needs more refinement rounds
-                found = {name: tuple(shape) for name, t in fixed.graph.tensors().items()
-                         if (shape := tensor_shape(t)) is not None
-                         and all(isinstance(d, int) and d >= 0 for d in shape)}
-                if len(found) <= len(out):
-                    break
-                out = found
-                fixed = Model.from_proto(fixed.to_proto(infer=False, materialize_data=False), model.meta)
+            # refines run-time shapes too; a deep graph of run-time shape chains needs more rounds
+            fixed = Model.from_proto(proto, model.meta, rounds=64)
+            out = {name: tuple(shape) for name, t in fixed.graph.tensors().items()
+                   if (shape := tensor_shape(t)) is not None and all(isinstance(d, int) and d >= 0 for d in shape)}
             missing = _unresolved(model, out, registry)
             if missing:
                 out.update(_run_shapes(model, shapes, missing))
-        except Exception:  # no concrete shapes: dynamic axes count as 1
+            if _unresolved(model, out, registry):  # partial shapes would weigh layers unevenly
+                out = {}
+        except Exception:
             out = {}
+    # none found where some were needed: every dynamic axis counts as 1 (see CostSummary.note)
     model.__dict__["_concrete_shapes"] = (model.graph, key, out)
     return out
+
+
+def concrete_cost_note(model: Model, given: dict | None = None, registry=None) -> str | None:
+    """Why MACs could not be counted at the concrete input shape (None when they are)."""
+    registry = registry if registry is not None else installed_registry()
+    if concrete_shapes(model, given, registry) or not (given or _needs_concrete(model, registry)):
+        return None
+    return ("MACs counted with dynamic axes as 1: the graph's shapes could not all be resolved at input "
+            f"{format_shape(input_shapes(model, given))} (give the shape the model runs at with --shape)")
 
 
 def _unresolved(model: Model, found: dict, registry) -> list[str]:
@@ -248,6 +255,7 @@ class CostSummary:
     params: float
     per_node: dict
     input_shape: dict = field(default_factory=dict)  # the concrete input shape the MACs are counted at
+    note: str | None = None  # why not, where they could not be
 
     def to_dict(self) -> dict:
         return {"macs": int(self.macs), "params": int(self.params)}
@@ -281,8 +289,6 @@ def model_cost(model: Model, registry=None, shape: dict | None = None) -> CostSu
         for term in node_cost_terms(node, hints, opset=model.opset, registry=registry):
             per_node[term.node] = per_node.get(term.node, 0.0) + _term_value(term, size)
     params = sum(_term_value(t, size) for t in param_cost_terms(model))
-    try:
-        used = input_shapes(model, shape)
-    except Exception:
-        used = {}
-    return CostSummary(sum(per_node.values()), params, per_node, used)
+    note = concrete_cost_note(model, shape, registry)
+    used = {} if note else input_shapes(model, shape)
+    return CostSummary(sum(per_node.values()), params, per_node, used, note)

@@ -37,7 +37,7 @@ class Model:
         return cls.from_proto(proto, meta)
 
     @classmethod
-    def from_proto(cls, proto: onnx.ModelProto, meta: ModelMeta | None = None) -> "Model":
+    def from_proto(cls, proto: onnx.ModelProto, meta: ModelMeta | None = None, rounds: int = 8) -> "Model":
         meta = meta or ModelMeta.of(proto)
         proto = infer_shapes(proto)
         try:
@@ -46,7 +46,7 @@ class Model:
             raise BadInputError(f"cannot read the graph: {exc}{_not_onnx_ops(proto)}") from None
         refined: dict = {}
         _attach_base_dir(graph, meta.base_dir)
-        for _ in range(8):  # onnx cannot infer reshape(b, s, -1) or run-time shapes: deduce them
+        for _ in range(rounds):  # onnx cannot infer reshape(b, s, -1) or run-time shapes: deduce them
             if not refine_shapes(graph, meta.opset_imports, refined):
                 break
             io = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}

@@ -38,6 +38,8 @@ class VerifyPass(Pass):
             "params_ratio": after.params / before.params if before.params else 1.0,
             "cost_shape": {k: list(v) for k, v in before.input_shape.items()},
         })
+        for note in dict.fromkeys(n for n in (before.note, after.note) if n):
+            ctx.report.setdefault("warnings", []).append(note)
         if ctx.option("verify", False):
             from graphprune.runtime import load_verify_inputs
             from graphprune.verify import check_mask_equivalence
