@@ -223,7 +223,7 @@ class PruneOptions:
         choices=_branch_criteria, commands=(PRUNE,), group=_DEPTH)
     max_depth_fraction: float = option(
         0.25, "--depth removes at most this fraction of the residual branches (default: {default}; FinerCut "
-              "removes 25% of the sub-layers)",
+              "removes a quarter of the sub-layers)",
         kind="fraction", metavar="F", commands=(PRUNE,), group=_DEPTH)
     progress: bool = option(False, "progress bars on stderr", kind="flag")
     policy: dict | None = option(None, "analysis policy switches (head_dim, prune_hidden, ...)")

@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = {
     "ir": {"errors", "argtypes", "op_families", "external_data", "model_io", "shape_eval", "graph", "kv_cache", "quantized", "runtime",
            "calibration", "compare"},
-    "analysis": {"roles", "rule_context", "dependency", "cost", "pipeline"},
+    "analysis": {"roles", "rule_context", "dependency", "cost", "pipeline", "branches"},
     "oprules": {"oprules", "oprules.*"},
-    "passes": {"passes", "passes.*", "options", "activations", "fidelity", "verify", "verify_io", "api", "deploy"},
+    "passes": {"passes", "passes.*", "options", "activations", "fidelity", "verify", "verify_io", "api", "deploy",
+               "depth"},
     "measure": {"backends", "backends.*", "bench", "latency", "latency.*", "report_html"},
     "cli": {"cli", "__main__", ""},  # "" is the package itself (graphprune/__init__.py re-exports the API)
 }
