@@ -189,21 +189,24 @@ def check_depth_equivalence(original: onnx.ModelProto, pruned: onnx.ModelProto, 
     outputs zeroed and (when a width plan is given) the removed channels zeroed in their consumers.
     Inputs are fed by name (removed KV-cache inputs are not fed to the pruned model) and outputs
     compared by name (removed KV-cache outputs are skipped)."""
+    from .runtime import session
     from .verify import compare_outputs, masked_model
+    from .verify_io import io_slices, slice_arrays
 
     ref = zero_branches(original, chosen)
+    slices: dict = {}
     if dg is not None and plan is not None:
-        ref = masked_model(Model.from_proto(ref), dg, plan.removed_labels(groups))
-    from .runtime import session
-
+        labels = plan.removed_labels(groups)
+        ref = masked_model(Model.from_proto(ref), dg, labels)
+        slices = io_slices(dg, labels)  # KV-cache inputs/outputs resized by head pruning: kept slices
     results, ok = {}, True
     sr, sp = session(ref), session(pruned)
     pruned_in = {i.name for i in sp.get_inputs()}
     names = [o.name for o in sp.get_outputs()]
     for b in batches:
         feeds = synthetic_inputs(ref, batch=b, seq=8 + b, seed=seeds + b)
-        want = dict(zip([o.name for o in sr.get_outputs()], sr.run(None, feeds)))
-        got = sp.run(None, {k: v for k, v in feeds.items() if k in pruned_in})
+        want = slice_arrays(dict(zip([o.name for o in sr.get_outputs()], sr.run(None, feeds))), slices)
+        got = sp.run(None, {k: v for k, v in slice_arrays(feeds, slices).items() if k in pruned_in})
         cmp = compare_outputs([want[n] for n in names], got)
         results[f"batch{b}"] = cmp
         ok = ok and bool(cmp["max_rel"] <= rtol)
@@ -258,7 +261,11 @@ def prune_with_depth(model, o, *, width_prune, result_cls, registry=None, pipeli
     if width_ratio is not None and width_ratio < 1.0:
         width = {f.name: getattr(o, f.name) for f in fields(o) if f.name not in _DEPTH_ONLY}
         width["target_flops" if cost == "macs" else "target_params"] = width_ratio
-        res = prune(shallow_proto, registry=registry, pipeline=pipeline, **width)
+        try:
+            res = prune(shallow_proto, registry=registry, pipeline=pipeline, **width)
+        except BadInputError as exc:
+            raise BadInputError(f"after removing {len(chosen)} residual branches ({cost} at "
+                                f"{now / total:.3f} of the original) width pruning cannot reach {target}: {exc}") from None
         pruned, report, ctx = res.model, res.report, res.context
         dg, plan, groups = ctx.dependency, ctx.plan, ctx.groups
     else:

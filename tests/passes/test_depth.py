@@ -394,3 +394,19 @@ def test_branch_whose_sum_is_a_graph_output_and_broadcast_bias_is_not_a_branch()
     np.testing.assert_array_equal(y, feeds["x"])
     np.testing.assert_array_equal(z, feeds["x"] + 1)
     assert check_depth_equivalence(m, shallow, branches)["equivalent"]
+
+
+def test_kv_decoder_depth_and_head_pruning_oracle(tmp_path):
+    """--depth with --prune-kv-cache: branches go, heads of the remaining attention shrink the cache;
+    the oracle feeds the kept cache slices and skips removed cache tensors."""
+    from models.kv_cache import build_kv_onnx
+
+    path = build_kv_onnx("kv_mha", dynamo=False, tmpdir=tmp_path)
+    res = graphprune.prune(path, target_flops=0.6, depth=True, max_depth_fraction=0.5, prune_kv_cache=True,
+                           verify=True)
+    assert len(res.report["depth"]["removed"]) == 2 and res.report["oracle"]["equivalent"]
+    assert 0.5 <= res.report["macs_ratio"] <= 0.6  # whole heads are coarse: below the band, with a warning
+    assert res.report.get("warnings")
+    onnx.checker.check_model(res.model, full_check=True)
+    with pytest.raises(graphprune.errors.BadInputError, match="after removing 2 residual branches"):
+        graphprune.prune(path, target_flops=0.3, depth=True, max_depth_fraction=0.5, min_keep=1.0)
