@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from .cost import model_cost
+from .cost import input_shapes, model_cost
 from .errors import BadInputError
 from .graph import Model
 from .kv_cache import cache_io, cache_shapes
@@ -130,6 +130,8 @@ def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | No
     calib, progress = o.calib, o.progress
     t0 = time.perf_counter()
     ctx = _context(model, registry, opts, progress)
+    if o.shape:  # the given cost shape must fit the input model (a pruned one may differ on channel axes)
+        input_shapes(ctx.original, o.shape, strict=True)
     if calib is not None:
         from .calibration import load_calibration
 
@@ -210,5 +212,7 @@ def analyze(model: "str | os.PathLike | onnx.ModelProto", *, registry: OpRuleReg
                          prune_kv_cache=prune_kv_cache)
     shape = PruneOptions.spec("shape").check("shape", shape)
     ctx = _context(model, registry, {"policy": policy or {}, "shape": shape}, False)
+    if shape:
+        input_shapes(ctx.original, shape, strict=True)
     (pipeline or analysis_pipeline()).run(ctx)
     return AnalysisResult(ctx.groups, ctx.dependency.pinned, model_cost(ctx.model, shape=shape), ctx)

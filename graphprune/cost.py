@@ -56,10 +56,11 @@ def _graph_input_shapes(model: Model) -> dict[str, tuple]:
     return {t.name: tensor_shape(t) for t in model.graph.inputs if tensor_shape(t) is not None}
 
 
-def input_shapes(model: Model, given: dict | None = None) -> dict[str, tuple[int, ...]]:
+def input_shapes(model: Model, given: dict | None = None, strict: bool = False) -> dict[str, tuple[int, ...]]:
     """The concrete shape of every graph input MACs are counted at: `given` ({name: dims}, checked
-    against the declared rank and static dims) where given, else static dims as they are and the
-    defaults above for dynamic ones."""
+    against the declared rank) where given, else the defaults above for dynamic axes; static dims
+    as declared (a pruned model's resized cache input keeps its new size). `strict`: a given size
+    that differs from a static one is an error (the check on the user's model)."""
     from .errors import BadInputError
 
     given = dict(given or {})
@@ -74,14 +75,14 @@ def input_shapes(model: Model, given: dict | None = None) -> dict[str, tuple[int
         if len(dims) != len(shape):
             raise BadInputError(f"--shape {name}: the input has rank {len(dims)}, --shape gives {len(shape)} dims")
         for axis, (d, v) in enumerate(zip(dims, shape)):
-            if isinstance(d, int) and d > 0 and d != v:
+            if strict and isinstance(d, int) and d > 0 and d != v:
                 raise BadInputError(f"--shape {name}: axis {axis} has static size {d}, --shape gives {v}")
             if isinstance(d, str) and d:
                 symbols.setdefault(d, int(v))
     out = {}
     for name, dims in declared.items():
         if name in given:
-            out[name] = tuple(int(v) for v in given[name])
+            out[name] = tuple(d if isinstance(d, int) and d > 0 else int(v) for d, v in zip(dims, given[name]))
             continue
         shape = []
         for axis, d in enumerate(dims):

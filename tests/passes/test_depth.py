@@ -402,11 +402,12 @@ def test_kv_decoder_depth_and_head_pruning_oracle(tmp_path):
     from models.kv_cache import build_kv_onnx
 
     path = build_kv_onnx("kv_mha", dynamo=False, tmpdir=tmp_path)
+    shape = {"input_ids": (1, 8), **{f"past_{kv}.{i}": (1, 4, 8, 16) for kv in ("key", "value") for i in (0, 1)}}
     res = graphprune.prune(path, target_flops=0.6, depth=True, max_depth_fraction=0.5, prune_kv_cache=True,
-                           verify=True)
+                           verify=True, shape=shape)  # MACs at 8 new and 8 cached tokens
     assert len(res.report["depth"]["removed"]) == 2 and res.report["oracle"]["equivalent"]
     assert 0.5 <= res.report["macs_ratio"] <= 0.6  # whole heads are coarse: below the band, with a warning
     assert res.report.get("warnings")
     onnx.checker.check_model(res.model, full_check=True)
     with pytest.raises(graphprune.errors.BadInputError, match="after removing 2 residual branches"):
-        graphprune.prune(path, target_flops=0.3, depth=True, max_depth_fraction=0.5, min_keep=1.0)
+        graphprune.prune(path, target_flops=0.3, depth=True, max_depth_fraction=0.5, min_keep=1.0, shape=shape)
