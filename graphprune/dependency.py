@@ -155,7 +155,7 @@ class DependencyGraph:
         self.dim_role: dict[int, str] = {}
         self.dim_is_weight: list[bool] = []
         self.dim_pin: dict[int, str] = {}
-        self.ties: list[tuple[int, np.ndarray, int, np.ndarray]] = []
+        self.ties: list[tuple] = []  # (dim a, indices or None = identity, dim b, indices or None)
         self.factors: list = []
         self.carriers: set[int] = set()  # dims a reshape block ties elementwise (e.g. a head axis)
         self.stat_axes: dict[str, set[int]] = {}  # node (first output) -> dims it takes statistics over
@@ -299,15 +299,27 @@ class DependencyGraph:
                 pending[0].resolve(self, classes, channel_like, pinned, fallback=True)
                 progressed = [pending[0]]
             pending = [fb for fb in pending if fb not in progressed]
-        sizes = np.array(self.dim_size, dtype=np.int64)
+        # only axes whose class (axes tied together) holds a weight axis can carry channels: every other
+        # axis (spatial, sequence, ...) is one element, so analysis never allocates per element of an
+        # axis it does not prune, whatever size it declares
+        classes = self._dim_classes()
+        carrying = {classes[d] for d, w in enumerate(self.dim_is_weight) if w}
+        sizes = np.array([s if classes[d] in carrying else 1 for d, s in enumerate(self.dim_size)], dtype=np.int64)
+        self._elem_size = sizes
         offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
         self._offsets = offsets
         uf = _UnionFind(int(offsets[-1]))
         if self.ties:
-            a = np.concatenate([offsets[d1] + i1 for d1, i1, _, _ in self.ties])
-            b = np.concatenate([offsets[d2] + i2 for _, _, d2, i2 in self.ties])
-            uf.union_pairs(a, b)
+            a_parts, b_parts = [], []
+            for d1, i1, d2, i2 in self.ties:
+                if classes[d1] not in carrying:  # one element each side
+                    i1 = i2 = np.zeros(1, np.int64)
+                elif i1 is None:  # identity
+                    i1 = i2 = np.arange(sizes[d1], dtype=np.int64)
+                a_parts.append(offsets[d1] + i1)
+                b_parts.append(offsets[d2] + i2)
+            uf.union_pairs(np.concatenate(a_parts), np.concatenate(b_parts))
         self.labels = uf.labels
         self._make_groups()
 
@@ -326,7 +338,7 @@ class DependencyGraph:
                 producers.update(int(x) for x in np.unique(self.elements(d)))
         # label -> dims it touches
         lab_all = self.labels
-        dim_of_elem = np.repeat(np.arange(n_dims), np.array(self.dim_size, dtype=np.int64))
+        dim_of_elem = np.repeat(np.arange(n_dims), self._elem_size)
         pairs = np.unique(np.stack([lab_all, dim_of_elem], axis=1), axis=0) if lab_all.size else np.zeros((0, 2), np.int64)
         touched: dict[int, list[int]] = {}
         for lab, d in pairs:

@@ -16,6 +16,9 @@ from .roles import ROLE_PARAM
 
 __all__ = ["RuleContext", "FactorBlock"]
 
+# a Reshape/Flatten block over more elements than this is pinned instead of enumerated (hostile declared sizes)
+MAX_BLOCK_ELEMENTS = 1 << 24
+
 
 class RuleContext:
     """What an op rule sees of one node during analysis."""
@@ -106,7 +109,8 @@ class RuleContext:
                             dg.pin(d, f"{self.op} {self.node.name}: dynamic axis meets static axis")
                 return
             if sa == sb:
-                idx_a = idx_b = np.arange(sa, dtype=np.int64)
+                dg.ties.append((da, None, db, None))  # identity: elements made only if the axis can carry channels
+                return
             elif sa == 1 or sb == 1:
                 return  # broadcast
             else:
@@ -281,7 +285,12 @@ class FactorBlock:
             return True
         sa = [dg.dim_size[d] for d in self.dims_a]
         sb = [dg.dim_size[d] for d in self.dims_b]
-        flat = np.arange(int(np.prod(sa)), dtype=np.int64)
+        total = int(np.prod(sa))
+        if total > MAX_BLOCK_ELEMENTS:  # a declared size no real model has: analysing it would take its memory
+            for d in self.dims_a + self.dims_b:
+                dg.pin(d, f"{self.op} {self.node}: reshape block of {total} elements is too large to analyse")
+            return True
+        flat = np.arange(total, dtype=np.int64)
         ia = np.unravel_index(flat, sa)[self.dims_a.index(ca)]
         ib = np.unravel_index(flat, sb)[self.dims_b.index(cb)]
         pairs = np.unique(np.stack([ia, ib], 1), axis=0)

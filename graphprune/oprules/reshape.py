@@ -293,8 +293,7 @@ def _relate_static_block(ctx: RuleContext, x, y, ba: list, bb: list, mixed: bool
     elif len(ba) == 1 and len(bb) == 1:
         # the static parts are the same elements, whether an axis is folded or not
         da, db = ctx._dim(x, ba[0]), ctx._dim(y, bb[0])
-        n = dg.dim_size[da]
-        dg.ties.append((da, np.arange(n, dtype=np.int64), db, np.arange(n, dtype=np.int64)))
+        dg.ties.append((da, None, db, None))  # identity: the same elements
     else:
         ctx.factor(x, ba, y, bb)
 
