@@ -167,7 +167,7 @@ class PruneOptions:
     prune_kv_cache: bool = option(
         False, "decoders with past/present key-value graph inputs/outputs: allow head pruning, which changes the "
                "cache shapes (reported per input/output); pinned otherwise", kind="flag", commands=(PRUNE, ANALYZE))
-    seed: int = option(0, "seed for random criteria and synthetic inputs (default: {default})", kind="int",
+    seed: int = option(0, "seed for random criteria and synthetic inputs (default: {default})", kind="int>=0",
                      commands=(PRUNE,))
     calib: Any = option(
         None, "calibration data: .npz (one array per input, named like the inputs), .npy (one input) or a folder "

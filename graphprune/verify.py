@@ -130,8 +130,7 @@ def _original_runs(original: Model, masked: onnx.ModelProto, batch: int, seed: i
     for attempt, size in enumerate(sizes):
         feeds = synthetic_inputs(masked, batch=batch, seq=size, seed=seed)
         try:
-            run_model(proto, feeds)
-            return feeds, size
+            outputs = run_model(proto, feeds)
         except Exception as exc:  # onnxruntime's Fail / InvalidArgument / RuntimeException
             if attempt + 1 < len(sizes) and _has_dynamic_spatial_axes(masked):
                 continue
@@ -141,6 +140,19 @@ def _original_runs(original: Model, masked: onnx.ModelProto, batch: int, seed: i
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BadInputError(f"--verify: the original model itself does not run on synthetic inputs ({shapes}; "
                                 f"batch {batch}, other dynamic axes {size}): {msg[:300]}") from None
+        _refuse_nonfinite(proto, outputs, f"synthetic inputs (batch {batch})")
+        return feeds, size
+
+
+def _refuse_nonfinite(proto: onnx.ModelProto, outputs: list, where: str) -> None:
+    """NaN is never agreement: an original whose outputs hold NaN/Inf cannot be checked (one line)."""
+    from .compare import nonfinite_outputs
+    from .errors import BadInputError
+
+    bad = nonfinite_outputs([o.name for o in proto.graph.output], outputs)
+    if bad:
+        raise BadInputError(f"--verify: the original model's outputs hold NaN/Inf on {where}: {', '.join(bad[:3])}; "
+                            f"NaN never counts as agreement, so the oracle cannot check this model")
 
 
 def _has_dynamic_spatial_axes(model: onnx.ModelProto) -> bool:
@@ -213,6 +225,9 @@ def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: Depende
         masked, pruned = exact_masked, exact_integer_matmuls(pruned)
         results["quantized_activations"] = "integer matmuls compared in exact arithmetic"
     given = feeds
+    if given is not None:  # the user's inputs: the original must give numbers on them
+        proto = original.to_proto(infer=False)
+        _refuse_nonfinite(proto, run_model(proto, given), "the --verify-inputs arrays")
     for b in (["inputs"] if given is not None else batches):
         if given is None:
             feeds, size = _original_runs(original, masked, b, seed + b, sizes)
