@@ -114,8 +114,12 @@ def _run_prune(args) -> int:
     if folder is not None:
         out = args.output or default_output(folder, str(src))
         check_output(folder, str(out))
+    verify_inputs = getattr(args, "verify_inputs", None)
+    for flag, given in (("--calib", args.calib), ("--verify-inputs", verify_inputs)):
+        if given is not None and not (flag == "--calib" and Path(given).is_dir()):  # a folder of images is fine
+            check_input(given, flag)
     # every output checked against the inputs and each other before anything is read or written
-    inputs = input_identities(src, args.calib, getattr(args, "verify_inputs", None))
+    inputs = input_identities(src, args.calib, verify_inputs)
     targets = check_outputs([("-o", out), ("--report", args.report), ("--report-html", args.report_html)], inputs)
     out = Path(out)
     if args.calib_preprocess and not args.calib:

@@ -68,7 +68,7 @@ def check_input(path: "str | os.PathLike", what: str = "model") -> Path:
     p = Path(path)
     st = _stat(p, what)
     if st is None:
-        raise BadInputError(f"{p}: no such file")
+        raise BadInputError(f"{p}: no such file" if what == "model" else f"{what} {p}: no such file")
     if stat.S_ISDIR(st.st_mode):
         raise BadInputError(f"{p}: is a directory, expected an .onnx file" if what == "model"
                             else f"{what} {p} is a directory, expected a file")

@@ -7,8 +7,9 @@ import onnx
 from .errors import BadInputError
 
 __all__ = ["require_onnxruntime", "run_model", "synthetic_inputs", "model_source", "new_session", "decoder_sizes",
-           "PAST_TOKENS", "load_verify_inputs", "cache_head_size"]
+           "PAST_TOKENS", "SYNTHETIC_INPUT_BYTES", "load_verify_inputs", "cache_head_size"]
 
+SYNTHETIC_INPUT_BYTES = 1 << 30  # synthetic inputs larger than this are refused in one line, never allocated
 PAST_TOKENS = 3  # synthetic decoder inputs: a past of this many tokens, then `seq` new ones
 
 _INSTALL = "pip install 'graphprune[cpu]' (onnxruntime) or 'graphprune[gpu]' (onnxruntime-gpu), not both"
@@ -189,6 +190,7 @@ def synthetic_inputs(model: onnx.ModelProto, batch: int = 1, seq: int = 8, seed:
     gqa_len = {n.input[i]: i for n in model.graph.node if n.op_type == "GroupQueryAttention"
                for i in (5, 6) if i < len(n.input) and n.input[i]}
     feeds = {}
+    total = 0
     for vi in model.graph.input:
         if vi.name in init:
             continue
@@ -205,6 +207,11 @@ def synthetic_inputs(model: onnx.ModelProto, batch: int = 1, seq: int = 8, seed:
                 else:
                     dims.append(batch if k == 0 else seq)
         dtype = _input_dtype(vi)
+        total += int(np.prod(dims, dtype=object)) * (8 if dtype is np.object_ else np.dtype(dtype).itemsize)
+        if total > SYNTHETIC_INPUT_BYTES:  # a declared size too large to run (an image height of 2^24)
+            raise BadInputError(f"synthetic inputs would take {total / 2**30:.1f} GiB ({vi.name} {dims}); the model "
+                                f"declares sizes too large to run: give smaller inputs (--verify-inputs FILE.npz "
+                                f"for --verify)")
         low = vi.name.lower()
         if named is not None and vi.name in gqa_len:
             new = 1 if batch > 1 else seq

@@ -230,7 +230,7 @@ def _(root):
     return [_save(m, root / "in" / "m.onnx"), *PRUNE]
 
 
-@case("custom domain without opset import", 2, r"opset|my\.domain")
+@case("custom domain without opset import (a warning)", None, r"opset|my\.domain", outputs=("in/m.pruned.onnx",))
 def _(root):
     m = conv_net()
     m.graph.node.insert(1, helper.make_node("Act", ["c1"], ["a1"], name="act", domain="my.domain"))
@@ -353,6 +353,11 @@ def _(root):
 @case("huge declared height 2^40: prune", None, outputs=("in/m.pruned.onnx",))
 def _(root):
     return [_save(conv_net(height=2**40), root / "in" / "m.onnx"), *PRUNE]
+
+
+@case("huge declared height 2^24 with --verify (inputs too large to make)", 2, r"too large")
+def _(root):
+    return [_save(conv_net(height=2**24), root / "in" / "m.onnx"), *PRUNE, "--verify"]
 
 
 @case("NaN weights with --verify", 2, r"NaN")
@@ -627,6 +632,18 @@ def _(root):
 def _(root):
     (root / "in" / "c.npz").write_bytes(b"not an npz")
     return [good(root), *PRUNE, "--calib", root / "in" / "c.npz"]
+
+
+@case("--calib is a FIFO (must not block)", 2, r"FIFO")
+def _(root):
+    os.mkfifo(root / "in" / "calib.npz")
+    return [good(root), *PRUNE, "--calib", root / "in" / "calib.npz"]
+
+
+@case("--verify-inputs is a directory", 2, r"directory")
+def _(root):
+    (root / "in" / "v.npz").mkdir()
+    return [good(root), *PRUNE, "--verify-inputs", root / "in" / "v.npz"]
 
 
 @case("--verify-inputs of the wrong shape", 2, r"x|shape")
