@@ -110,9 +110,10 @@ def _run_prune(args) -> int:
     from .deploy import check_output, default_output, detect_folder
 
     folder = None if args.no_deploy_folder else detect_folder(str(src))
-    out = args.output or str(src.with_name(f"{src.stem}.pruned.onnx"))
+    given = args.output is not None  # `-o ""` is an empty name (refused), not the default
+    out = args.output if given else str(src.with_name(f"{src.stem}.pruned.onnx"))
     if folder is not None:
-        out = args.output or default_output(folder, str(src))
+        out = args.output if given else default_output(folder, str(src))
         check_output(folder, str(out))
     verify_inputs = getattr(args, "verify_inputs", None)
     for flag, given in (("--calib", args.calib), ("--verify-inputs", verify_inputs)):

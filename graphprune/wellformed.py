@@ -129,12 +129,42 @@ def _reads(node: onnx.NodeProto) -> set:
     return out
 
 
+_T = onnx.TensorProto
+_TYPED_FIELD = {_T.FLOAT: "float_data", _T.COMPLEX64: "float_data", _T.DOUBLE: "double_data",
+                _T.COMPLEX128: "double_data", _T.INT64: "int64_data", _T.UINT32: "uint64_data",
+                _T.UINT64: "uint64_data", _T.STRING: "string_data"}
+_PACKED = {getattr(_T, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(_T, n)}
+
+
+def _typed_count(t: onnx.TensorProto) -> tuple[int, int] | None:
+    """(values stored in the tensor's typed field, values its dims need), or None when its data is raw,
+    external or of an unknown type (raw and external lengths are checked by external_data.py)."""
+    if t.HasField("raw_data") or t.data_location == _T.EXTERNAL or t.data_type == _T.UNDEFINED:
+        return None
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    stored = len(getattr(t, _TYPED_FIELD.get(t.data_type, "int32_data")))
+    if t.data_type in (_T.COMPLEX64, _T.COMPLEX128):
+        n *= 2
+    elif t.data_type in _PACKED:
+        n = (n + 1) // 2
+    return stored, n
+
+
 def _check_weight_types(model: onnx.ModelProto, where: str) -> None:
     odd = [t for t in model.graph.initializer if t.data_type in UNSUPPORTED_WEIGHT_TYPES]
     if odd:
         kind = UNSUPPORTED_WEIGHT_TYPES[odd[0].data_type]
         raise BadInputError(f"{where}: {kind} weights are not supported ({odd[0].name!r}{_more(odd)}); convert the "
                             f"model to float32 or float16 first")
+    for t in model.graph.initializer:
+        if any(int(d) < 0 for d in t.dims):
+            raise BadInputError(f"{where}: tensor {t.name!r} has a negative dimension {list(t.dims)}")
+        counts = _typed_count(t)
+        if counts is not None and counts[0] != counts[1]:
+            raise BadInputError(f"{where}: tensor {t.name!r} holds {counts[0]} values, its type and shape "
+                                f"{list(t.dims)} need {counts[1]}")
 
 
 def _checker_warning(model: onnx.ModelProto) -> str | None:

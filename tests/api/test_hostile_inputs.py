@@ -271,6 +271,36 @@ def _(root):
     return [_save(m, root / "in" / "m.onnx"), *PRUNE]
 
 
+@case("typed float_data of the wrong length", 2, r"w2|values")
+def _(root):
+    m = conv_net()
+    t = next(t for t in m.graph.initializer if t.name == "w2")
+    values = numpy_helper.to_array(t).ravel()[:-5].tolist()
+    t.ClearField("raw_data")
+    t.float_data.extend(values)
+    return [_save(m, root / "in" / "m.onnx"), *PRUNE]
+
+
+@case("negative initializer dimension", 2, r"b1|negative")
+def _(root):
+    m = conv_net()
+    next(t for t in m.graph.initializer if t.name == "b1").dims[0] = -16
+    return ["analyze", _save(m, root / "in" / "m.onnx")]
+
+
+@case("-o is the empty string", 2, r"empty")
+def _(root):
+    return [good(root), *PRUNE, "-o", ""]
+
+
+@case("node names that are not UTF-8", 2, r"UTF-8")
+def _(root):
+    data = conv_net().SerializeToString()
+    data = data.replace(b"relu1", b"\x80elu1", 1)  # same length: the protobuf framing stays valid
+    (root / "in" / "m.onnx").write_bytes(data)
+    return ["analyze", root / "in" / "m.onnx"]
+
+
 def _external(root: Path, location: str, offset: int = 0, length: int | None = None) -> Path:
     """The model with w2's data in `location` (relative to the model's folder)."""
     m = conv_net()
