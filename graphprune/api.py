@@ -76,15 +76,19 @@ class AnalysisResult:
             "pinned": [{"tensor": p.tensor, "axis": p.axis, "channels": p.count, "reason": p.reason}
                        for p in self.pinned],
             "macs_per_node": {k: int(v) for k, v in self.cost.per_node.items()},
+            "warnings": list(self.context.report.get("warnings", [])),
         }
 
 
 def _context(model, registry, options, progress) -> PruneContext:
     m = Model.load(model)
     original = m.copy()
-    return PruneContext(model=m, original=original,
-                        registry=(registry.copy() if registry is not None else default_registry()),
-                        options=options, progress=Progress(progress))
+    ctx = PruneContext(model=m, original=original,
+                       registry=(registry.copy() if registry is not None else default_registry()),
+                       options=options, progress=Progress(progress))
+    if m.meta.warnings:  # what onnx.checker says about the input (graphprune/wellformed.py)
+        ctx.report.setdefault("warnings", []).extend(m.meta.warnings)
+    return ctx
 
 
 def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | None = None, *,

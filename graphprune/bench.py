@@ -261,16 +261,12 @@ def bench_from_args(models: list, args, labels: list[str] | None = None, prefix:
 
 
 def write_json(path: "str | os.PathLike", data: dict) -> None:
+    from .paths import write_text_atomic
+
     path = Path(path)
     if path.is_dir():
         raise BadInputError(f"{path} is a directory; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise BadInputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,14 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, one line already printed)
         return int(exc.code or 0)
     try:
-        if args.json and Path(args.json).is_dir():  # fail before spending minutes measuring
-            raise BadInputError(f"--json {args.json} is a directory; give a file name")
-        result = bench_from_args(args.models, args)
+        from .paths import check_input, check_outputs, input_identities
+
+        models = [check_input(m) for m in args.models]  # fail before spending minutes measuring
+        inputs = {k: v for m in models for k, v in input_identities(m).items()}
+        json_out = check_outputs([("--json", args.json)], inputs).get("--json")
+        result = bench_from_args([str(m) for m in models], args)
         if result["note"]:
             print(f"graphprune: {result['note']}", file=sys.stderr)
         print(format_bench(result))
-        if args.json:
-            write_json(args.json, result)
+        if json_out is not None:
+            write_json(json_out.path, result)
     except BadInputError as exc:
         print(f"graphprune: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

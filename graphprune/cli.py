@@ -78,12 +78,10 @@ def _fmt(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _write_json(path: str, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
+def _write_json(path: "str | Path", data: dict, flag: str = "") -> None:
+    from .paths import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2, default=_json_default), flag)
 
 
 def _json_default(o):
@@ -107,18 +105,25 @@ def _run_prune(args) -> int:
                             "in (0, 1]) or --drop-branches N")
     if args.target_latency is not None and (args.target_flops is not None or args.target_params is not None):
         raise BadInputError("--target-latency chooses the FLOPs target itself; drop --target-flops/--target-params")
-    src = Path(args.model)
+    from .paths import check_input, check_outputs, input_identities
+
+    src = check_input(args.model)  # a regular file (no FIFO, device, directory, link loop)
     from .deploy import check_output, default_output, detect_folder
 
     folder = None if args.no_deploy_folder else detect_folder(str(src))
-    out = Path(args.output) if args.output else src.with_name(f"{src.stem}.pruned.onnx")
+    given = args.output is not None  # `-o ""` is an empty name (refused), not the default
+    out = args.output if given else str(src.with_name(f"{src.stem}.pruned.onnx"))
     if folder is not None:
-        out = Path(args.output) if args.output else Path(default_output(folder, str(src)))
+        out = args.output if given else default_output(folder, str(src))
         check_output(folder, str(out))
-    if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
-        raise BadInputError(f"output {out} is the input file; choose another -o")
-    if out.is_dir():
-        raise BadInputError(f"output {out} is a directory; give a file name with -o")
+    verify_inputs = getattr(args, "verify_inputs", None)
+    for flag, given in (("--calib", args.calib), ("--verify-inputs", verify_inputs)):
+        if given is not None and not (flag == "--calib" and Path(given).is_dir()):  # a folder of images is fine
+            check_input(given, flag)
+    # every output checked against the inputs and each other before anything is read or written
+    inputs = input_identities(src, args.calib, verify_inputs)
+    targets = check_outputs([("-o", out), ("--report", args.report), ("--report-html", args.report_html)], inputs)
+    out = Path(out)
     if args.calib_preprocess and not args.calib:
         raise BadInputError("--calib-preprocess needs --calib (a folder of images)")
     progress = not args.quiet and sys.stderr.isatty()
@@ -143,27 +148,22 @@ def _run_prune(args) -> int:
         from .deploy import check_uniform
 
         check_uniform(result.model)  # before anything is written
+    model_path = targets["-o"].path  # a symbolic link to a regular file is written through
     try:
-        result.save(out)
+        result.save(model_path)
     except OSError as exc:
         raise BadInputError(f"cannot write {out}: {exc.strerror or exc}") from None
     r = result.report
-    if folder is not None:
-        from .deploy import write_folder
+    written: list = []
+    try:  # what follows the model: a failure takes the model and reports back out (no half-done run is left)
+        _after_save(args, r, result, src, out, folder, targets, written)
+    except BaseException:
+        from .paths import remove_written_model
 
-        r["deploy_folder"] = write_folder(folder, str(out), result.model, r)
-    if args.bench:
-        from .bench import bench_from_args
-
-        r["bench"] = bench_from_args([str(src), str(out)], args)
-        if r["bench"]["note"] and not args.quiet:
-            print(f"graphprune: {r['bench']['note']}", file=sys.stderr)
-    if args.report:
-        _write_json(args.report, r | {"input": str(src), "output": str(out)})
-    if args.report_html:
-        from .report_html import write_report_html
-
-        write_report_html(r, args.report_html, model=str(src), bench=r.get("bench"))
+        remove_written_model(model_path)
+        for f in written:
+            Path(f).unlink(missing_ok=True)
+        raise
     if not args.quiet:
         pruned = sum(1 for g in r["groups"] if g["removed"])
         at = format_shape(r.get("cost_shape", {}))
@@ -196,9 +196,11 @@ def _run_prune(args) -> int:
             if d.get("note"):
                 print(f"folder  {d['note']}")
         if "oracle" in r:
+            import numpy as np
+
             o = r["oracle"]
             runs = [v for k, v in o.items() if k.startswith("batch") or k == "inputs"]
-            worst = max(v["max_rel"] for v in runs)
+            worst = float(np.max([v["max_rel"] for v in runs]))  # numpy's max keeps a NaN (Python's drops it)
             noise = [v["noise_floor"] for v in runs if "noise_floor" in v]
             floor = f"; float32 noise floor of the original {max(noise):.2e}" if noise else ""
             floor += f"; {o['quantized_activations']}" if "quantized_activations" in o else ""
@@ -226,6 +228,37 @@ def _run_prune(args) -> int:
     return EXIT_OK
 
 
+def _after_save(args, r: dict, result, src: Path, out: Path, folder, targets: dict, written: list) -> None:
+    """Deployment folder, bench and reports, once the model is written; every report is rendered
+    before the first is written, and each file written is added to `written` (taken back on failure)."""
+    if folder is not None:
+        from .deploy import write_folder
+
+        r["deploy_folder"] = write_folder(folder, str(out), result.model, r)
+    if args.bench:
+        from .bench import bench_from_args
+
+        r["bench"] = bench_from_args([str(src), str(targets["-o"].path)], args)
+        if r["bench"]["note"] and not args.quiet:
+            print(f"graphprune: {r['bench']['note']}", file=sys.stderr)
+    texts = []
+    if args.report:
+        texts.append(("--report", json.dumps(r | {"input": str(src), "output": str(out)}, indent=2,
+                                             default=_json_default)))
+    if args.report_html:
+        from . import report_html
+
+        try:
+            texts.append(("--report-html", report_html.render_report_html(r, model=str(src), bench=r.get("bench"))))
+        except OSError as exc:
+            raise BadInputError(f"cannot write --report-html {args.report_html}: {exc.strerror or exc}") from None
+    from .paths import write_text_atomic
+
+    for flag, text in texts:
+        write_text_atomic(targets[flag].path, text, flag)
+        written.append(targets[flag].path)
+
+
 def _fidelity_line(f: dict) -> str:
     """`fidelity  N held-out samples: cosine a -> b, rel err ..., top-1 agreement ...`."""
     before = f.get("before_compensation")
@@ -250,8 +283,12 @@ def _fidelity_line(f: dict) -> str:
 def _run_analyze(argv) -> int:
     from .api import analyze
 
+    from .paths import check_input, check_outputs, input_identities
+
     args = build_analyze_parser().parse_args(argv)
-    res = analyze(args.model, **options_from_args(args, ANALYZE))
+    src = check_input(args.model)
+    targets = check_outputs([("--json", args.json)], input_identities(src))
+    res = analyze(str(src), **options_from_args(args, ANALYZE))
     d = res.to_dict()
     at = format_shape(res.cost.input_shape)
     print(f"MACs {_fmt(d['macs'])}  params {_fmt(d['params'])}  groups {len(d['groups'])}"
@@ -276,8 +313,10 @@ def _run_analyze(argv) -> int:
     print(f"\nMACs per layer (top {args.top}):")
     for name, macs in sorted(d["macs_per_node"].items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"  {_fmt(macs):>9}  {name}")
+    for w in d["warnings"]:
+        print(f"warning: {w}")
     if args.json:
-        _write_json(args.json, d)
+        _write_json(targets["--json"].path, d, "--json")
     return EXIT_OK
 
 

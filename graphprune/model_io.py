@@ -46,6 +46,7 @@ class ModelMeta:
     initializer_inputs: list = field(default_factory=list)  # graph inputs backed by an initializer
     input_order: list = field(default_factory=list)  # every graph input's name, as the input lists them
     dim_params: dict = field(default_factory=dict)  # io symbols renamed on load (new -> original name)
+    warnings: list = field(default_factory=list)  # what onnx.checker says about the input (wellformed.py)
 
     @classmethod
     def of(cls, model: onnx.ModelProto, had_external_data: bool = False, base_dir: str = "") -> "ModelMeta":
@@ -171,10 +172,14 @@ def load_model(source: "str | os.PathLike | onnx.ModelProto") -> tuple[onnx.Mode
     if not model.graph.node:
         raise BadInputError(f"{where}: the graph has no nodes")
     _check_opset(model, where)
+    from .wellformed import check_wellformed  # cycles, duplicate/undefined names, opset imports: one line
+
+    warnings = check_wellformed(model, where, without_weights(model)[0])
     has_ext = uses_external_data(model)
     resolve_external_data(model, base, where, trusted=isinstance(source, onnx.ModelProto))
     meta = ModelMeta.of(model, had_external_data=has_ext, base_dir=str(base))
     meta.big = is_big(model)
+    meta.warnings = warnings
     meta.dim_params = _name_io_symbols(model)
     return model, meta
 

@@ -173,7 +173,7 @@ class PruneOptions:
         None, "input shape MACs are counted at, NAME:DxDx... per input (repeatable; prune takes it from its "
               "--shape option). Default: static dims as they are, batch 1, dynamic image axes 224, other dynamic "
               "axes (sequence) 128", kind="shapes", action="append", metavar="NAME:DxD...", commands=(ANALYZE,))
-    seed: int = option(0, "seed for random criteria and synthetic inputs (default: {default})", kind="int",
+    seed: int = option(0, "seed for random criteria and synthetic inputs (default: {default})", kind="int>=0",
                      commands=(PRUNE,))
     calib: Any = option(
         None, "calibration data: .npz (one array per input, named like the inputs), .npy (one input) or a folder "

@@ -7,8 +7,9 @@ import onnx
 from .errors import BadInputError
 
 __all__ = ["require_onnxruntime", "run_model", "synthetic_inputs", "model_source", "new_session", "decoder_sizes",
-           "PAST_TOKENS", "load_verify_inputs", "cache_head_size"]
+           "PAST_TOKENS", "SYNTHETIC_INPUT_BYTES", "load_verify_inputs", "cache_head_size"]
 
+SYNTHETIC_INPUT_BYTES = 1 << 30  # synthetic inputs larger than this are refused in one line, never allocated
 PAST_TOKENS = 3  # synthetic decoder inputs: a past of this many tokens, then `seq` new ones
 
 _INSTALL = "pip install 'graphprune[cpu]' (onnxruntime) or 'graphprune[gpu]' (onnxruntime-gpu), not both"
@@ -59,8 +60,25 @@ def run_model(model: onnx.ModelProto | str, feeds: dict, optimize: bool = True) 
 _NP = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
     onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_,
-    onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.INT16: np.int16,
+    onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.UINT32: np.uint32, onnx.TensorProto.UINT64: np.uint64,
+    onnx.TensorProto.STRING: np.object_,  # onnxruntime takes str objects for string tensors
 }
+_WORDS = np.array(["cat", "dog", "", "a b", "0", "\u00e9t\u00e9"], dtype=object)
+
+
+def _input_dtype(vi: onnx.ValueInfoProto, why: str = "--verify"):
+    """The numpy type of a graph input; an element type no synthetic value can be made for (or that is
+    not a tensor at all): one line saying to give the inputs instead."""
+    if not vi.type.HasField("tensor_type"):
+        raise BadInputError(f"{why}: graph input {vi.name!r} is not a tensor ({vi.type.WhichOneof('value')}); "
+                            f"synthetic inputs cannot be made for it: give them with --verify-inputs FILE.npz")
+    elem = vi.type.tensor_type.elem_type
+    if elem not in _NP:
+        name = onnx.TensorProto.DataType.Name(elem) if elem in onnx.TensorProto.DataType.values() else str(elem)
+        raise BadInputError(f"{why}: graph input {vi.name!r} is of type {name.lower()}, for which synthetic values "
+                            f"cannot be made: give the inputs with --verify-inputs FILE.npz")
+    return _NP[elem]
 
 
 def cache_head_size(model: onnx.ModelProto, cache: str, widths: dict | None = None) -> int | None:
@@ -172,6 +190,7 @@ def synthetic_inputs(model: onnx.ModelProto, batch: int = 1, seq: int = 8, seed:
     gqa_len = {n.input[i]: i for n in model.graph.node if n.op_type == "GroupQueryAttention"
                for i in (5, 6) if i < len(n.input) and n.input[i]}
     feeds = {}
+    total = 0
     for vi in model.graph.input:
         if vi.name in init:
             continue
@@ -187,7 +206,12 @@ def synthetic_inputs(model: onnx.ModelProto, batch: int = 1, seq: int = 8, seed:
                     dims.append(named[d.dim_param])
                 else:
                     dims.append(batch if k == 0 else seq)
-        dtype = _NP.get(tt.elem_type, np.float32)
+        dtype = _input_dtype(vi)
+        total += int(np.prod(dims, dtype=object)) * (8 if dtype is np.object_ else np.dtype(dtype).itemsize)
+        if total > SYNTHETIC_INPUT_BYTES:  # a declared size too large to run (an image height of 2^24)
+            raise BadInputError(f"synthetic inputs would take {total / 2**30:.1f} GiB ({vi.name} {dims}); the model "
+                                f"declares sizes too large to run: give smaller inputs (--verify-inputs FILE.npz "
+                                f"for --verify)")
         low = vi.name.lower()
         if named is not None and vi.name in gqa_len:
             new = 1 if batch > 1 else seq
@@ -199,6 +223,8 @@ def synthetic_inputs(model: onnx.ModelProto, batch: int = 1, seq: int = 8, seed:
             feeds[vi.name] = np.broadcast_to(pos, dims).copy()
         elif named is not None and "mask" in low and not np.issubdtype(dtype, np.floating):
             feeds[vi.name] = np.ones(dims, dtype=dtype)
+        elif dtype is np.object_:  # strings: a few words, the empty string and non-ASCII text among them
+            feeds[vi.name] = rng.choice(_WORDS, size=dims).astype(object)
         elif np.issubdtype(dtype, np.floating):
             feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
         elif dtype == np.bool_:
@@ -240,12 +266,14 @@ def load_verify_inputs(source, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     for vi in inputs:
         a = arrays[vi.name]
         dims = vi.type.tensor_type.shape.dim
-        want = _NP.get(vi.type.tensor_type.elem_type, np.float32)
+        want = _input_dtype(vi, f"--verify-inputs {label}")
         if a.ndim != len(dims) or any(d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != n
                                       for d, n in zip(dims, a.shape)):
             shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
             raise BadInputError(f"--verify-inputs {label}: {vi.name} has shape {list(a.shape)}, the model "
                                 f"takes {shape}")
+        if want is np.object_ and a.dtype.kind not in "OUS":
+            raise BadInputError(f"--verify-inputs {label}: {vi.name} is {a.dtype}, the model takes strings")
         if a.dtype != want:
             if np.can_cast(a.dtype, want, casting="same_kind") or (a.dtype.kind == want().dtype.kind):
                 a = a.astype(want)

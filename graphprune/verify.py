@@ -18,7 +18,8 @@ NOISE_FACTOR = 4.0  # an oracle error within this factor of float32 reordering n
 __all__ = ["masked_model", "check_mask_equivalence", "compare_outputs"]
 
 
-def masked_model(original: Model, dg: DependencyGraph, removed_labels: np.ndarray) -> onnx.ModelProto:
+def masked_model(original: Model, dg: DependencyGraph, removed_labels: np.ndarray,
+                 zero_producers: bool = True) -> onnx.ModelProto:
     """The original graph with the removed channels zeroed in every consumer.
 
     Consumers are the weight axes that reduce over channels (Conv/Gemm/MatMul input
@@ -34,6 +35,10 @@ def masked_model(original: Model, dg: DependencyGraph, removed_labels: np.ndarra
     elements only: every input axis that loses elements is gathered to the kept ones, and
     every output axis that loses elements is scattered back to its full width with zeros at
     the removed positions. Gather and Where are exact, so the oracle stays exact.
+
+    `zero_producers=False` zeroes the consumers only (the oracle's definition): the reference
+    when zeroing producers makes NaN (a removed channel that turns constant divides 0 by 0 in a
+    normalisation, a zeroed divisor) that the consumers' zeros would not remove (0 x NaN = NaN).
     """
     proto = original.to_proto(infer=False)
     model = Model.from_proto(proto, original.meta)
@@ -41,7 +46,7 @@ def masked_model(original: Model, dg: DependencyGraph, removed_labels: np.ndarra
     removed = dg.removed_elements(removed_labels)
     for dim, idx in removed.items():
         d = dg.dim_index[dim]
-        if dg.dim_role.get(d) not in (ROLE_REDUCE, ROLE_OUT, ROLE_PARAM):
+        if dg.dim_role.get(d) not in ((ROLE_REDUCE, ROLE_OUT, ROLE_PARAM) if zero_producers else (ROLE_REDUCE,)):
             continue
         t = tensors[dim.tensor]
         if not isinstance(t, gs.Constant):
@@ -130,8 +135,7 @@ def _original_runs(original: Model, masked: onnx.ModelProto, batch: int, seed: i
     for attempt, size in enumerate(sizes):
         feeds = synthetic_inputs(masked, batch=batch, seq=size, seed=seed)
         try:
-            run_model(proto, feeds)
-            return feeds, size
+            outputs = run_model(proto, feeds)
         except Exception as exc:  # onnxruntime's Fail / InvalidArgument / RuntimeException
             if attempt + 1 < len(sizes) and _has_dynamic_spatial_axes(masked):
                 continue
@@ -141,6 +145,19 @@ def _original_runs(original: Model, masked: onnx.ModelProto, batch: int, seed: i
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BadInputError(f"--verify: the original model itself does not run on synthetic inputs ({shapes}; "
                                 f"batch {batch}, other dynamic axes {size}): {msg[:300]}") from None
+        _refuse_nonfinite(proto, outputs, f"synthetic inputs (batch {batch})")
+        return feeds, size
+
+
+def _refuse_nonfinite(proto: onnx.ModelProto, outputs: list, where: str) -> None:
+    """NaN is never agreement: an original whose outputs hold NaN/Inf cannot be checked (one line)."""
+    from .compare import nonfinite_outputs
+    from .errors import BadInputError
+
+    bad = nonfinite_outputs([o.name for o in proto.graph.output], outputs)
+    if bad:
+        raise BadInputError(f"--verify: the original model's outputs hold NaN/Inf on {where}: {', '.join(bad[:3])}; "
+                            f"NaN never counts as agreement, so the oracle cannot check this model")
 
 
 def _has_dynamic_spatial_axes(model: onnx.ModelProto) -> bool:
@@ -179,22 +196,9 @@ def _check_at_scale(masked: onnx.ModelProto, pruned: onnx.ModelProto, slices: di
             "equivalent": bool(cmp["max_rel"] <= rtol)}
 
 
-def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: DependencyGraph, plan, groups,
-                           batches=(1, 5), seed: int = 0, rtol: float = 1e-4, sizes=SYNTHETIC_SIZES,
-                           feeds: dict | None = None) -> dict:
-    """Run masked original and pruned model on the same inputs; report the worst error.
-
-    `feeds` (the user's inputs, --verify-inputs) replace the synthetic ones: one run, reported as
-    "inputs"."""
-    labels = plan.removed_labels(groups)
-    masked = masked_model(original, dg, labels)
-    results = {}
-    ok = True
-    from .verify_io import compare_sliced, io_slices
-
-    slices = io_slices(dg, labels)  # resized KV-cache inputs/outputs: the pruned model sees kept slices
-    if original.meta.big:
-        return _check_at_scale(masked, pruned, slices, seed, rtol, sizes[0])
+def _comparable(masked: onnx.ModelProto, pruned: onnx.ModelProto, results: dict) -> tuple:
+    """(masked, pruned, optimize) as the oracle runs them: quantized arithmetic compared in float or
+    exactly, where the masked reference's extra nodes would change what onnxruntime fuses."""
     float_masked = bypass_activation_qdq(masked)
     # quantized models run unfused: onnxruntime's fusions (QDQ -> integer kernels, DynamicQuantizeLinear
     # + MatMulInteger -> DynamicQuantizeMatMul) quantize differently where the masked reference's extra
@@ -212,12 +216,43 @@ def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: Depende
     if exact_masked is not masked:  # integer matmuls: exact arithmetic, not saturating kernels
         masked, pruned = exact_masked, exact_integer_matmuls(pruned)
         results["quantized_activations"] = "integer matmuls compared in exact arithmetic"
+    return masked, pruned, optimize
+
+
+def check_mask_equivalence(original: Model, pruned: onnx.ModelProto, dg: DependencyGraph, plan, groups,
+                           batches=(1, 5), seed: int = 0, rtol: float = 1e-4, sizes=SYNTHETIC_SIZES,
+                           feeds: dict | None = None) -> dict:
+    """Run masked original and pruned model on the same inputs; report the worst error.
+
+    `feeds` (the user's inputs, --verify-inputs) replace the synthetic ones: one run, reported as
+    "inputs"."""
+    labels = plan.removed_labels(groups)
+    masked = masked_model(original, dg, labels)
+    results = {}
+    ok = True
+    from .verify_io import compare_sliced, io_slices
+
+    slices = io_slices(dg, labels)  # resized KV-cache inputs/outputs: the pruned model sees kept slices
+    if original.meta.big:
+        return _check_at_scale(masked, pruned, slices, seed, rtol, sizes[0])
+    masked, pruned_cmp, optimize = _comparable(masked, pruned, results)
     given = feeds
+    if given is not None:  # the user's inputs: the original must give numbers on them
+        proto = original.to_proto(infer=False)
+        _refuse_nonfinite(proto, run_model(proto, given), "the --verify-inputs arrays")
     for b in (["inputs"] if given is not None else batches):
         if given is None:
             feeds, size = _original_runs(original, masked, b, seed + b, sizes)
             sizes = (size,)  # the other batches use the size that ran
-        cmp = compare_sliced(masked, pruned, feeds, slices, optimize=optimize)
+        cmp = compare_sliced(masked, pruned_cmp, feeds, slices, optimize=optimize)
+        if cmp.get("nonfinite") and "reference" not in results:  # NaN the masking made? (the original is finite)
+            ref, ref_pruned, ref_opt = _comparable(masked_model(original, dg, labels, zero_producers=False), pruned,
+                                                   {})
+            again = compare_sliced(ref, ref_pruned, feeds, slices, optimize=ref_opt)
+            if not again.get("nonfinite"):
+                masked, pruned_cmp, optimize, cmp = ref, ref_pruned, ref_opt, again
+                results["reference"] = ("consumers zeroed only: zeroing the removed channels' producers too made "
+                                        "NaN/Inf in the masked original")
         if cmp["max_rel"] > rtol and np.isfinite(cmp["max_rel"]):
             # some graphs are ill-conditioned in float32 (saturated sigmoids, deep nets with large
             # activations): measure the masked original against itself with onnxruntime's graph

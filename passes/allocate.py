@@ -159,8 +159,10 @@ class AllocatePass(Pass):
         ctx.report["cost_model"] = {"macs_before": tracker.original["macs"], "params_before": tracker.original["params"]}
         candidates = [g for g in ctx.groups if g.id not in ctx.protected and g.size > 1]
         if not candidates:
+            checker = [w for w in ctx.report.get("warnings", []) if "fails onnx.checker" in w]
             raise NothingToPruneError(
-                "nothing to prune: every channel is pinned or protected (run `graphprune analyze` to see why)")
+                "nothing to prune: every channel is pinned or protected (run `graphprune analyze` to see why)"
+                + (f"; note: {checker[0]}" if checker else ""))
         round_to = int(ctx.option("round_to", PruneOptions.default("round_to")) or 1)
         min_keep = float(ctx.option("min_keep", PruneOptions.default("min_keep")))
         if ctx.option("uniform", False):

@@ -25,8 +25,9 @@ class VerifyPass(Pass):
             try:
                 check_model(ctx.original.to_proto(materialize_data=False), full_check=True)
             except _CHECK_ERRORS as orig_exc:
-                ctx.report.setdefault("warnings", []).append(
-                    f"the input model fails onnx.checker too: {str(orig_exc).splitlines()[0]}")
+                warnings = ctx.report.setdefault("warnings", [])
+                if not any("fails onnx.checker" in w for w in warnings):  # said once (on load, or here)
+                    warnings.append(f"the input model fails onnx.checker too: {str(orig_exc).splitlines()[0]}")
             else:
                 raise exc
         shape = ctx.option("shape", None)
