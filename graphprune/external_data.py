@@ -20,7 +20,7 @@ from onnx import external_data_helper
 
 from .errors import BadInputError
 
-__all__ = ["BIG_MODEL_ENV", "BIG_MODEL_BYTES", "big_model_bytes", "weight_bytes", "is_big", "expected_bytes",
+__all__ = ["BIG_MODEL_ENV", "set_location", "BIG_MODEL_BYTES", "big_model_bytes", "weight_bytes", "is_big", "expected_bytes",
            "resolve_external_data", "external_info", "read_array", "read_bytes", "inline", "spill",
            "uses_external_data", "all_tensors", "ALIGN"]
 
@@ -92,7 +92,7 @@ def expected_bytes(tensor: onnx.TensorProto) -> int | None:
         return None
 
 
-def _set_location(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+def set_location(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
     del tensor.external_data[:]
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         e = tensor.external_data.add()
@@ -154,7 +154,7 @@ def resolve_external_data(model: onnx.ModelProto, base_dir: "str | os.PathLike",
     for t, top in _tensors_with_place(model.graph, True):
         if external_data_helper.uses_external_data(t):
             real, offset, length = _check_one(t, base, where, trusted)
-            _set_location(t, str(real), offset, length)
+            set_location(t, str(real), offset, length)
             if not top:
                 inline(t)
         elif t.HasField("raw_data"):
@@ -250,5 +250,5 @@ def spill(name: str, array: np.ndarray) -> onnx.TensorProto:
     except OSError as exc:
         raise BadInputError(f"cannot write scratch weights to {path.parent}: {exc.strerror or exc} "
                             f"(set TMPDIR to a folder with space)") from None
-    _set_location(tensor, str(path), 0, array.nbytes)
+    set_location(tensor, str(path), 0, array.nbytes)
     return tensor

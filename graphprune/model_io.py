@@ -16,7 +16,7 @@ import onnx
 from onnx import external_data_helper
 
 from .errors import BadInputError
-from .external_data import (ALIGN, TWO_GB, all_tensors, expected_bytes, external_info, inline, is_big,
+from .external_data import (ALIGN, set_location, TWO_GB, all_tensors, expected_bytes, external_info, inline, is_big,
                             read_array, resolve_external_data, uses_external_data, weight_bytes)
 
 __all__ = ["ModelMeta", "list_initializers_as_inputs", "load_model", "restore_io_symbols", "save_model",
@@ -513,9 +513,4 @@ def _write_tensors(work: onnx.ModelProto, data_name: str, out, bar) -> None:
             out.write(t.raw_data)
             if bar is not None:
                 bar.update(size)
-        del t.external_data[:]
-        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(size))):
-            e = t.external_data.add()
-            e.key, e.value = key, value
-        t.data_location = onnx.TensorProto.EXTERNAL
-        t.ClearField("raw_data")
+        set_location(t, data_name, offset, size)
