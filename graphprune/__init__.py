@@ -1,7 +1,7 @@
 """graphprune: structured pruning of ONNX graphs (dependency groups, physical rewrite, verified)."""
 from __future__ import annotations
 
-from .api import AnalysisResult, PruneResult, analysis_pipeline, analyze, default_pipeline, prune
+from .api import AnalysisResult, PruneResult, analysis_pipeline, analyze, default_pipeline, prune, recover
 from .dependency import ChannelGroup, DependencyGraph, GroupMember, set_default_registry
 from .errors import BadInputError, GraphpruneError, NothingToPruneError, PassError
 from .oprules import OpRule, OpRuleRegistry, RuleContext, RewriteContext, default_registry, register_op_rule
@@ -13,7 +13,7 @@ set_default_registry(default_registry)  # the analysis layer does not import the
 __version__ = "0.1.0"
 
 __all__ = [
-    "prune", "analyze", "PruneResult", "AnalysisResult", "default_pipeline", "analysis_pipeline",
+    "prune", "recover", "analyze", "PruneResult", "AnalysisResult", "default_pipeline", "analysis_pipeline",
     "ChannelGroup", "GroupMember", "DependencyGraph", "OpRule", "OpRuleRegistry", "RuleContext", "RewriteContext",
     "default_registry", "register_op_rule", "register_criterion", "criterion_names", "Pass", "PassManager",
     "PassResult", "PruneContext", "GraphpruneError", "BadInputError", "NothingToPruneError", "PassError",

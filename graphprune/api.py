@@ -16,7 +16,7 @@ from .oprules import OpRuleRegistry, default_registry
 from .options import PruneOptions, policy_from
 from .pipeline import PassManager, Progress, PruneContext
 
-__all__ = ["prune", "analyze", "PruneResult", "AnalysisResult", "default_pipeline", "analysis_pipeline"]
+__all__ = ["prune", "recover", "analyze", "PruneResult", "AnalysisResult", "default_pipeline", "analysis_pipeline"]
 
 
 def default_pipeline() -> PassManager:
@@ -90,6 +90,27 @@ def _context(model, registry, options, progress) -> PruneContext:
     if m.meta.warnings:  # what onnx.checker says about the input (graphprune/wellformed.py)
         ctx.report.setdefault("warnings", []).extend(m.meta.warnings)
     return ctx
+
+
+def recover(original: "str | os.PathLike | onnx.ModelProto", pruned: "str | os.PathLike | onnx.ModelProto", *,
+            calib, progress: bool = False, **options) -> PruneResult:
+    """Distil an already pruned model (`pruned`, e.g. written by an earlier run) against `original`
+    on `calib`: what ``prune(..., recover=True)`` does after pruning, on its own. Options:
+    ``recover_minutes``, ``recover_steps``, ``recover_batch``, ``recover_lr``, ``calib_samples``,
+    ``calib_heldout``, ``seed``. The report's ``recovery`` section says what it did."""
+    from .passes import RecoverPass
+
+    o = PruneOptions.from_kwargs(recover=True, calib=calib, progress=progress, **options)
+    ctx = _context(original, None, o.context_options(), progress)
+    ctx.model = Model.load(pruned)
+    from .calibration import load_calibration
+
+    ctx.options["calibration"] = load_calibration(
+        calib, ctx.original.to_proto(infer=False), samples=o.calib_samples, heldout=o.calib_heldout,
+        preprocess=o.calib_preprocess, batch_size=o.calib_batch_size, seed=o.seed)
+    ctx.report["calibration"] = ctx.options["calibration"].describe()
+    PassManager([RecoverPass()]).run(ctx)
+    return PruneResult(ctx.model.to_proto(), ctx.report, ctx)
 
 
 def prune(model: "str | os.PathLike | onnx.ModelProto", target_flops: float | None = None, *,

@@ -80,6 +80,9 @@ def main(argv=None) -> int:
 
         def call(self, ctx):
             snap["model"] = ctx.model.to_proto()
+            import onnx
+
+            onnx.save(snap["model"], str(args.out / f"{args.model}_{args.target}_{args.criterion}_{args.compensate}.onnx"))
             return graphprune.pipeline.PassResult()
 
     pipe = graphprune.api.default_pipeline()
