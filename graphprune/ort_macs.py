@@ -136,10 +136,12 @@ def _needed(node: onnx.NodeProto) -> list[str]:
     return [n for n in (*node.input[:2], node.output[0]) if n]
 
 
-def ort_macs_per_node(model: "onnx.ModelProto | str", shapes: dict, *, seed: int = 0) -> dict[str, int]:
+def ort_macs_per_node(model: "onnx.ModelProto | str", shapes: dict, *, seed: int = 0,
+                      feeds: dict | None = None) -> dict[str, int]:
     """{node name (or first output): MACs} of every costed node (COSTED_OPS), measured by one
-    onnxruntime run at `shapes` ({input: dims}; floating inputs N(0, 1), others zeros). Nodes inside
-    control-flow sub-graphs are not counted. Independent of graphprune's cost model."""
+    onnxruntime run at `shapes` ({input: dims}; floating inputs N(0, 1), others zeros; `feeds`:
+    arrays to use instead for some inputs, such as sequence lengths). Nodes inside control-flow
+    sub-graphs are not counted. Independent of graphprune's cost model."""
     import onnxruntime as ort
 
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
@@ -166,8 +168,11 @@ def ort_macs_per_node(model: "onnx.ModelProto | str", shapes: dict, *, seed: int
                 model.graph.output.append(helper.make_tensor_value_info(name, elem.get(name, TensorProto.FLOAT), None))
                 have.add(name)
     rng = np.random.default_rng(seed)
-    feeds = {}
+    given, feeds = dict(feeds or {}), {}
     for vi in model.graph.input:
+        if vi.name in given:
+            feeds[vi.name] = given[vi.name]
+            continue
         if vi.name in inits:
             continue
         dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
@@ -184,6 +189,6 @@ def ort_macs_per_node(model: "onnx.ModelProto | str", shapes: dict, *, seed: int
     return {n.name or n.output[0]: int(_node_macs(n, real)) for n in costed}
 
 
-def ort_macs(model: "onnx.ModelProto | str", shapes: dict, *, seed: int = 0) -> int:
+def ort_macs(model: "onnx.ModelProto | str", shapes: dict, *, seed: int = 0, feeds: dict | None = None) -> int:
     """Total MACs of `model` at `shapes` by one onnxruntime run (see ort_macs_per_node)."""
-    return int(sum(ort_macs_per_node(model, shapes, seed=seed).values()))
+    return int(sum(ort_macs_per_node(model, shapes, seed=seed, feeds=feeds).values()))
