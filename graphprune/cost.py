@@ -128,13 +128,25 @@ def input_shapes(model: Model, given: dict | None = None, strict: bool = False) 
     return out
 
 
+def _states_macs(node: gs.Node, opset: int, registry) -> bool:
+    """Whether `node`'s rule states MACs at all (whatever the shapes it knows now)."""
+    rule = _rule(node, opset, registry)
+    while rule is not None and hasattr(rule, "_inherit"):  # a FunctionRule: its cost is the inherited rule's
+        rule = rule._inherit
+    return rule is not None and not type(rule).cost_terms.__qualname__.startswith("OpRule.")
+
+
 def _needs_concrete(model: Model, registry) -> bool:
-    """Whether a costed node (one whose rule states MACs) touches a tensor with a dynamic axis."""
+    """Whether a costed node (one whose rule states MACs) touches a tensor with a dynamic axis or
+    an unknown shape (an op the shape inference does not know, such as a contrib op)."""
     for node in model.graph.nodes:
         for t in (*node.inputs, *node.outputs):
-            shape = tensor_shape(t) if t.name else ()
-            if shape is not None and not all(isinstance(d, int) and d > 0 for d in shape):
-                if node_cost_terms(node, opset=model.opset, registry=registry):
+            if not t.name or isinstance(t, gs.Constant):
+                continue
+            shape = tensor_shape(t)
+            if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
+                if node_cost_terms(node, opset=model.opset, registry=registry) or \
+                        (shape is None and _states_macs(node, model.opset, registry)):
                     return True
                 break
     return False
@@ -204,7 +216,7 @@ def _unresolved(model: Model, found: dict, registry) -> list[str]:
     names = []
     for node in model.graph.nodes:
         ts = [t for t in (*node.inputs, *node.outputs) if t.name and not isinstance(t, gs.Constant)]
-        if any(t.name not in found for t in ts) and node_cost_terms(node, opset=model.opset, registry=registry):
+        if any(t.name not in found for t in ts) and _states_macs(node, model.opset, registry):
             names += [t.name for t in ts if t.name not in found]
     return sorted(set(names))
 
@@ -255,9 +267,12 @@ def _run_shapes(model: Model, shapes: dict, names: list[str], known: dict | None
         have = {o.name for o in proto.graph.output}
         for name in names:
             t = tensors.get(name)
-            if t is not None and t.dtype is not None and name not in have:
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(
-                    name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), None))
+            if t is not None and name not in have:
+                if t.dtype is None:  # onnxruntime types an output declared by name only
+                    proto.graph.output.add().name = name
+                else:
+                    proto.graph.output.append(onnx.helper.make_tensor_value_info(
+                        name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), None))
         feeds = {t.name: np.zeros(shapes[t.name], np.dtype(t.dtype)) for t in model.graph.inputs if t.name in shapes}
         feeds.update(_length_feeds(model, {**(known or {}), **shapes}))
         opts = ort.SessionOptions()

@@ -165,7 +165,10 @@ def ort_macs_per_node(model: "onnx.ModelProto | str", shapes: dict, *, seed: int
     for n in costed:
         for name in _needed(n):
             if name not in inits and name not in have:
-                model.graph.output.append(helper.make_tensor_value_info(name, elem.get(name, TensorProto.FLOAT), None))
+                if elem.get(name, TensorProto.UNDEFINED) == TensorProto.UNDEFINED:
+                    model.graph.output.add().name = name  # onnxruntime types an output declared by name only
+                else:
+                    model.graph.output.append(helper.make_tensor_value_info(name, elem[name], None))
                 have.add(name)
     rng = np.random.default_rng(seed)
     given, feeds = dict(feeds or {}), {}

@@ -228,3 +228,61 @@ def test_window_attention_dynamo_export(tmp_path):
                       input_names=["x"], output_names=["y"],
                       dynamic_shapes=({2: 4 * h, 3: 4 * h},))
     _check_against_ort(path, {"x": (1, 16, 32, 32)}, {"x": (1, 16, 32, 32)})
+
+
+def _fused_and_quantized_model() -> onnx.ModelProto:
+    """One of each fused / quantized Conv, Gemm and MatMul form onnxruntime runs on CPU, at a dynamic
+    batch and image size (so their MACs need the concrete shape)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(v, n) for n, v in {
+        "w1": f(8, 3, 3, 3), "b1": f(8), "w_mm": f(8, 8), "w_gemm": f(8, 6),
+        "s": np.array(0.05, np.float32), "w_q": rng.integers(-8, 8, (4, 8, 1, 1)).astype(np.int8),
+        "w_qmm": rng.integers(-8, 8, (8, 4)).astype(np.int8)}.items()]
+    inits += [numpy_helper.from_array(np.array(0, np.uint8), "zp_u8"), numpy_helper.from_array(np.array(0, np.int8),
+                                                                                               "zp_i8")]
+    ms = "com.microsoft"
+    nodes = [
+        helper.make_node("FusedConv", ["x", "w1", "b1"], ["c1"], domain=ms, activation="Relu", pads=[1, 1, 1, 1]),
+        helper.make_node("Transpose", ["c1"], ["t"], perm=[0, 2, 3, 1]),                 # [B, H, W, 8]
+        helper.make_node("FusedMatMul", ["t", "w_mm"], ["m1"], domain=ms, alpha=0.5),     # K = 8
+        helper.make_node("FusedMatMul", ["m1", "m1"], ["m2"], domain=ms, transA=1),  # [.., 8, W] @ [.., W, 8]: K = W
+        helper.make_node("DynamicQuantizeMatMul", ["m1", "w_qmm", "s"], ["m3"], domain=ms),
+        helper.make_node("ReduceMean", ["m1"], ["pooled"], axes=[1, 2], keepdims=0),
+        helper.make_node("FusedGemm", ["pooled", "w_gemm"], ["g"], domain=ms, activation="Relu"),
+        helper.make_node("QuantizeLinear", ["c1", "s", "zp_u8"], ["c1q"]),
+        helper.make_node("QLinearConv", ["c1q", "s", "zp_u8", "w_q", "s", "zp_i8", "s", "zp_u8"], ["c2q"]),
+        helper.make_node("QuantizeLinear", ["t", "s", "zp_u8"], ["tq"]),
+        helper.make_node("Cast", ["w_qmm"], ["w_qmm_f"], to=TensorProto.FLOAT),
+        helper.make_node("QuantizeLinear", ["w_qmm_f", "s", "zp_u8"], ["w_qmm_u8"]),
+        helper.make_node("QLinearMatMul", ["tq", "s", "zp_u8", "w_qmm_u8", "s", "zp_u8", "s", "zp_u8"], ["qmm"]),
+        helper.make_node("MatMulIntegerToFloat", ["tq", "w_qmm_u8", "s", "s"], ["mif"], domain=ms),
+    ]
+    outs = {"m2": TensorProto.FLOAT, "m3": TensorProto.FLOAT, "g": TensorProto.FLOAT, "c2q": TensorProto.UINT8,
+            "qmm": TensorProto.UINT8, "mif": TensorProto.FLOAT}
+    graph = helper.make_graph(nodes, "fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                             ["b", 3, "h", "w"])],
+                              [helper.make_tensor_value_info(o, t, None) for o, t in outs.items()], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ms, 1)])
+    model.ir_version = 8
+    return model
+
+
+def test_fused_and_quantized_forms_are_costed():
+    """FusedConv/FusedGemm/FusedMatMul, QLinearConv/QLinearMatMul, MatMulIntegerToFloat and
+    DynamicQuantizeMatMul keep their channels (no mapping) but count: graphprune's MACs equal the
+    onnxruntime-measured ones at two input shapes."""
+    from graphprune.cost import model_cost
+    from graphprune.graph import Model
+
+    model = _fused_and_quantized_model()
+    per = ort_macs_per_node(model, {"x": (2, 3, 6, 5)})
+    assert len(per) == 8 and all(v > 0 for v in per.values()), per
+    for shape in ((2, 3, 6, 5), (1, 3, 12, 7)):
+        cost = model_cost(Model.load(model), shape={"x": shape})
+        assert cost.macs == ort_macs(model, {"x": shape}), (cost.per_node, ort_macs_per_node(model, {"x": shape}))
+    analysis = graphprune.analyze(model)  # the channels stay (pinned), the MACs count
+    assert not analysis.groups and any("FusedMatMul" in p.reason for p in analysis.pinned)
+    assert analysis.cost.macs == ort_macs(model, {"x": (1, 3, 224, 224)})  # the default image size
