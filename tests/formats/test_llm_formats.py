@@ -280,9 +280,9 @@ def test_optimum_mha_config_keeps_heads(tmp_path, capsys):
     folder = str(tmp_path / "phi3")
     shutil.copytree(os.path.join(HERE, "data", "optimum", "phi3"), folder)
     out = tmp_path / "out" / "model.onnx"
-    # 0.8: at the default cost shape (128 new and 128 past tokens) the kept heads' attention is a quarter
-    # of the MACs, so 0.7 is out of reach without --prune-kv-cache
-    assert cli_main([os.path.join(folder, "model.onnx"), "--target-flops", "0.8", "-o", str(out), "--verify"]) == 0
+    # at the default cost shape (one decode step after 128 past tokens) the kept heads' attention over
+    # the cache is a small share of the MACs: 0.7 is reachable with the MLP alone
+    assert cli_main([os.path.join(folder, "model.onnx"), "--target-flops", "0.7", "-o", str(out), "--verify"]) == 0
     text = capsys.readouterr().out
     assert "attention heads are kept" in text and "oracle  mask equivalence holds" in text
     pruned = onnx.load(str(out))
