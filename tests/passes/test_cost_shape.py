@@ -286,3 +286,20 @@ def test_fused_and_quantized_forms_are_costed():
     analysis = graphprune.analyze(model)  # the channels stay (pinned), the MACs count
     assert not analysis.groups and any("FusedMatMul" in p.reason for p in analysis.pinned)
     assert analysis.cost.macs == ort_macs(model, {"x": (1, 3, 224, 224)})  # the default image size
+
+
+def test_check_macs_tool_on_a_zoo_file(tmp_path):
+    """tools/check_macs.py's row for a zoo file CI can build (Caffe2 ShuffleNet from the onnx package):
+    graphprune's ratio equals the independent count's and lands in the band at 0.7."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "check_macs.py"
+    spec = importlib.util.spec_from_file_location("_check_macs", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    row = tool.check_one("caffe2_shufflenet", "onnx-caffe2", 0.7, str(tmp_path))
+    assert row["shape"] == {"gpu_0/data_0": [1, 3, 224, 224]}
+    assert row["macs_before"] == row["graphprune_macs_before"]
+    assert row["diff"] < 0.005 and row["in_band"], row
+    assert "| caffe2_shufflenet | onnx-caffe2 |" in tool.table([row], 0.7)
