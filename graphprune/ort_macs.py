@@ -18,6 +18,9 @@ com.microsoft specs:
 """
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -35,6 +38,7 @@ _MATMUL = {("", "MatMul"), ("", "MatMulInteger"), (_MS, "MatMulIntegerToFloat"),
 _QMATMUL = {("", "QLinearMatMul")}  # A is input 0, as for MatMul
 _FUSED_MATMUL = {(_MS, "FusedMatMul")}
 _ATTENTION = {(_MS, "Attention"), (_MS, "MultiHeadAttention"), (_MS, "GroupQueryAttention"), ("", "Attention")}
+_PROTO_LIMIT = (1 << 31) - (1 << 20)  # protobuf's 2 GB, less a margin: larger models go through a file
 COSTED_OPS = frozenset(_CONV | _QCONV | _CONVT | _GEMM | _MATMUL | _QMATMUL | _FUSED_MATMUL | _ATTENTION)
 
 
@@ -147,7 +151,9 @@ def ort_macs_per_node(model: "onnx.ModelProto | str", shapes: dict, *, seed: int
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         model = onnx.load(str(model))
     else:
-        model = onnx.ModelProto.FromString(model.SerializeToString())
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # no serialization: works past 2 GB
+        model = copy
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
     try:
         typed = onnx.shape_inference.infer_shapes(model)
@@ -185,10 +191,17 @@ def ort_macs_per_node(model: "onnx.ModelProto | str", shapes: dict, *, seed: int
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    real = dict(inits)
-    real.update(zip(names, (tuple(v.shape) for v in sess.run(names, feeds))))
+    with tempfile.TemporaryDirectory() as tmp:
+        if model.ByteSize() < _PROTO_LIMIT:
+            source = model.SerializeToString()
+        else:  # over protobuf's 2 GB: weights in a data file beside a temporary copy
+            source = os.path.join(tmp, "model.onnx")
+            onnx.save_model(model, source, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="model.onnx.data")
+        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        real = dict(inits)
+        real.update(zip(names, (tuple(v.shape) for v in sess.run(names, feeds))))
     return {n.name or n.output[0]: int(_node_macs(n, real)) for n in costed}
 
 
