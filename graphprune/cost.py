@@ -16,7 +16,7 @@ from .graph import Model, tensor_shape
 
 __all__ = ["CostTerm", "static_size", "volume", "node_cost_terms", "param_cost_terms", "model_cost", "CostSummary",
            "input_shapes", "concrete_shapes", "concrete_shape", "format_shape", "DEFAULT_BATCH", "DEFAULT_IMAGE_SIZE",
-           "DEFAULT_SEQUENCE"]
+           "DEFAULT_SEQUENCE", "DEFAULT_NEW_TOKENS", "DEFAULT_PAST_TOKENS"]
 
 
 @dataclass
@@ -50,6 +50,31 @@ def _rule(node: gs.Node, opset: int, registry):
 # (sequence, past length, ...) DEFAULT_SEQUENCE. One size per symbol: axes sharing a name agree.
 DEFAULT_BATCH, DEFAULT_IMAGE_SIZE, DEFAULT_SEQUENCE = 1, 224, 128
 SPATIAL_HINT_SIZE = DEFAULT_IMAGE_SIZE  # the name earlier releases used
+# A decoder with past keys/values (inputs named like caches, see kv_cache.CACHE_NAME) is costed at
+# one decode step: DEFAULT_NEW_TOKENS new token after a past of DEFAULT_PAST_TOKENS, the shape it
+# runs at for every generated token (runtime.decoder_sizes names its axes: past, total = past +
+# new, the caches' head axis its head_size, never an image size).
+DEFAULT_NEW_TOKENS, DEFAULT_PAST_TOKENS = 1, DEFAULT_SEQUENCE
+
+
+def _decoder_symbols(model: Model) -> dict[str, int]:
+    """{symbol: size} of a decoder's dynamic input axes at one decode step, {} for other models."""
+    from .kv_cache import CACHE_NAME
+
+    if not any(CACHE_NAME.search(t.name or "") and len(tensor_shape(t) or ()) >= 3 for t in model.graph.inputs):
+        return {}
+    cached = model.__dict__.get("_decoder_symbols")
+    if cached is not None and cached[0] is model.graph:
+        return cached[1]
+    from .runtime import decoder_sizes
+
+    try:
+        sizes = decoder_sizes(model.to_proto(infer=False, materialize_data=False), DEFAULT_BATCH,
+                              DEFAULT_NEW_TOKENS, past=DEFAULT_PAST_TOKENS) or {}
+    except Exception:
+        sizes = {}
+    model.__dict__["_decoder_symbols"] = (model.graph, sizes)
+    return sizes
 
 
 def _graph_input_shapes(model: Model) -> dict[str, tuple]:
@@ -79,6 +104,8 @@ def input_shapes(model: Model, given: dict | None = None, strict: bool = False) 
                 raise BadInputError(f"--shape {name}: axis {axis} has static size {d}, --shape gives {v}")
             if isinstance(d, str) and d:
                 symbols.setdefault(d, int(v))
+    for d, v in _decoder_symbols(model).items():
+        symbols.setdefault(d, int(v))
     out = {}
     for name, dims in declared.items():
         if name in given:
@@ -101,13 +128,25 @@ def input_shapes(model: Model, given: dict | None = None, strict: bool = False) 
     return out
 
 
+def _states_macs(node: gs.Node, opset: int, registry) -> bool:
+    """Whether `node`'s rule states MACs at all (whatever the shapes it knows now)."""
+    rule = _rule(node, opset, registry)
+    while rule is not None and hasattr(rule, "_inherit"):  # a FunctionRule: its cost is the inherited rule's
+        rule = rule._inherit
+    return rule is not None and not type(rule).cost_terms.__qualname__.startswith("OpRule.")
+
+
 def _needs_concrete(model: Model, registry) -> bool:
-    """Whether a costed node (one whose rule states MACs) touches a tensor with a dynamic axis."""
+    """Whether a costed node (one whose rule states MACs) touches a tensor with a dynamic axis or
+    an unknown shape (an op the shape inference does not know, such as a contrib op)."""
     for node in model.graph.nodes:
         for t in (*node.inputs, *node.outputs):
-            shape = tensor_shape(t) if t.name else ()
-            if shape is not None and not all(isinstance(d, int) and d > 0 for d in shape):
-                if node_cost_terms(node, opset=model.opset, registry=registry):
+            if not t.name or isinstance(t, gs.Constant):
+                continue
+            shape = tensor_shape(t)
+            if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
+                if node_cost_terms(node, opset=model.opset, registry=registry) or \
+                        (shape is None and _states_macs(node, model.opset, registry)):
                     return True
                 break
     return False
@@ -153,7 +192,7 @@ def concrete_shapes(model: Model, given: dict | None = None, registry=None) -> d
                    if (shape := tensor_shape(t)) is not None and all(isinstance(d, int) and d >= 0 for d in shape)}
             missing = _unresolved(model, out, registry)
             if missing:
-                out.update(_run_shapes(model, shapes, missing))
+                out.update(_run_shapes(model, shapes, missing, out))
             if _unresolved(model, out, registry):  # partial shapes would weigh layers unevenly
                 out = {}
         except Exception:
@@ -177,7 +216,7 @@ def _unresolved(model: Model, found: dict, registry) -> list[str]:
     names = []
     for node in model.graph.nodes:
         ts = [t for t in (*node.inputs, *node.outputs) if t.name and not isinstance(t, gs.Constant)]
-        if any(t.name not in found for t in ts) and node_cost_terms(node, opset=model.opset, registry=registry):
+        if any(t.name not in found for t in ts) and _states_macs(node, model.opset, registry):
             names += [t.name for t in ts if t.name not in found]
     return sorted(set(names))
 
@@ -186,10 +225,33 @@ def _unresolved(model: Model, found: dict, registry) -> list[str]:
 _RUN_SHAPES_MAX_BYTES = 1 << 30
 
 
-def _run_shapes(model: Model, shapes: dict, names: list[str]) -> dict[str, tuple]:
-    """Shapes of `names` from one onnxruntime run at the concrete input shape (zeros as inputs), for
-    run-time shape chains static inference cannot follow; {} without onnxruntime, for big models,
-    or when the run fails."""
+def _length_feeds(model: Model, known: dict) -> dict[str, np.ndarray]:
+    """Values of graph inputs that hold sequence lengths rather than data, at the concrete shape:
+    com.microsoft GroupQueryAttention's seqlens_k (input 5: total length - 1 per sequence) and
+    total_sequence_length (input 6), total = past_key's length (axis 2) + the query's (axis 1).
+    Zeros there would make a run see no past at all."""
+    inputs = {t.name: t for t in model.graph.inputs}
+    feeds: dict[str, np.ndarray] = {}
+    for node in model.graph.nodes:
+        if node.op != "GroupQueryAttention" or len(node.inputs) < 7:
+            continue
+        q, past = node.inputs[0], node.inputs[3]
+        qs, ps = known.get(q.name), known.get(past.name) if past.name else None
+        if qs is None or len(qs) != 3:
+            continue
+        total = qs[1] + (ps[2] if ps is not None and len(ps) == 4 else 0)
+        for i, value in ((5, total - 1), (6, total)):
+            t = node.inputs[i]
+            if t.name in inputs and known.get(t.name) is not None:
+                feeds[t.name] = np.full(known[t.name], value, np.dtype(inputs[t.name].dtype))
+    return feeds
+
+
+def _run_shapes(model: Model, shapes: dict, names: list[str], known: dict | None = None) -> dict[str, tuple]:
+    """Shapes of `names` from one onnxruntime run at the concrete input shape (zeros as inputs, but
+    sequence lengths as _length_feeds says; `known`: concrete shapes found so far), for run-time
+    shape chains static inference cannot follow; {} without onnxruntime, for big models, or when
+    the run fails."""
     try:
         import onnx
         import onnxruntime as ort
@@ -205,10 +267,14 @@ def _run_shapes(model: Model, shapes: dict, names: list[str]) -> dict[str, tuple
         have = {o.name for o in proto.graph.output}
         for name in names:
             t = tensors.get(name)
-            if t is not None and t.dtype is not None and name not in have:
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(
-                    name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), None))
+            if t is not None and name not in have:
+                if t.dtype is None:  # onnxruntime types an output declared by name only
+                    proto.graph.output.add().name = name
+                else:
+                    proto.graph.output.append(onnx.helper.make_tensor_value_info(
+                        name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), None))
         feeds = {t.name: np.zeros(shapes[t.name], np.dtype(t.dtype)) for t in model.graph.inputs if t.name in shapes}
+        feeds.update(_length_feeds(model, {**(known or {}), **shapes}))
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.log_severity_level = 3

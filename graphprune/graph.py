@@ -526,6 +526,21 @@ def refine_shapes(graph: gs.Graph, opsets: list, refined: dict | None = None) ->
     return changed
 
 
+def _in_scratch_dir(fn):
+    """fn() run in a temporary working directory: onnxruntime's symbolic shape inference saves
+    `sym_shape_infer_temp.onnx` into the current directory when it cannot infer every shape."""
+    import os
+    import tempfile
+
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            return fn()
+        finally:
+            os.chdir(cwd)
+
+
 def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     """onnx shape inference with data propagation; falls back to no inference on failure.
 
@@ -552,7 +567,7 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         try:
             from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-            out = SymbolicShapeInference.infer_shapes(out, auto_merge=True) or out
+            out = _in_scratch_dir(lambda: SymbolicShapeInference.infer_shapes(out, auto_merge=True)) or out
         except Exception:
             pass
         _keep_output_symbols(proto, out)

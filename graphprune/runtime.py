@@ -129,10 +129,10 @@ def _static_last_dims(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def decoder_sizes(model: onnx.ModelProto, batch: int, seq: int) -> dict[str, int] | None:
+def decoder_sizes(model: onnx.ModelProto, batch: int, seq: int, past: int = PAST_TOKENS) -> dict[str, int] | None:
     """Sizes of the symbolic axes of a decoder with past keys/values, or None for other models.
 
-    The past holds PAST_TOKENS tokens and `seq` new tokens follow: a symbolic axis named like a
+    The past holds `past` tokens (PAST_TOKENS unless given) and `seq` new tokens follow: a symbolic axis named like a
     past length gets PAST_TOKENS, a total length (or an expression such as `past + 1`) past + new,
     the batch axis `batch`, a cache's symbolic head axis the attention op's head_size, any other
     `seq`; the attention mask then spans past + new and position ids continue the past.
@@ -165,9 +165,9 @@ def decoder_sizes(model: onnx.ModelProto, batch: int, seq: int) -> dict[str, int
             if k == 0 and "batch" in low or low in ("n", "b"):
                 sizes[name] = batch
             elif "total" in low or "+" in name or "all" in low:
-                sizes[name] = PAST_TOKENS + seq
+                sizes[name] = past + seq
             elif "past" in low or "cache" in low:
-                sizes[name] = PAST_TOKENS
+                sizes[name] = past
             elif k == 0:
                 sizes[name] = batch
             else:

@@ -195,6 +195,7 @@ class AllocatePass(Pass):
         orig = tracker.original
         removed: dict[int, list] = {}
         skipped: list[int] = []
+        steps: list[tuple[int, int, dict]] = []  # pass 1's blocks (group, size, deltas), in order
 
         def unmet() -> bool:
             return any(tracker.total(m) > targets[m] * orig[m] for m in targets)
@@ -214,6 +215,7 @@ class AllocatePass(Pass):
                     continue
                 removed.setdefault(gid, []).extend(st["order"][st["taken"]:st["taken"] + k].tolist())
                 st["taken"] += k
+                steps.append((gid, k, deltas))
                 self._push(heap, gid, st)
             if not unmet():
                 break
@@ -254,12 +256,36 @@ class AllocatePass(Pass):
                 k = _next_block(st)
                 removed.setdefault(gid, []).extend(st["order"][st["taken"]:st["taken"] + k].tolist())
                 st["taken"] += k
-                msg = (f"--round-to {round_to} blocks are too coarse to land within {TOLERANCE} of the target; "
-                       "the result overshoots it (try --round-to 1)")
-                if msg not in ctx.report.get("warnings", []):
-                    ctx.report.setdefault("warnings", []).append(msg)
+                if not unmet():
+                    self._give_back(tracker, state, removed, steps, targets, orig)
+                if any(tracker.total(m) < lo[m] * orig[m] for m in targets):
+                    msg = (f"--round-to {round_to} blocks are too coarse to land within {TOLERANCE} of the target; "
+                           "the result overshoots it (try --round-to 1)") if round_to > 1 else (
+                        f"whole units (attention heads, KV groups) are too coarse to land within {TOLERANCE} of the "
+                        "target; the result overshoots it")
+                    if msg not in ctx.report.get("warnings", []):
+                        ctx.report.setdefault("warnings", []).append(msg)
             break
         return PrunePlan({gid: np.sort(np.array(ix, dtype=np.int64)) for gid, ix in removed.items()})
+
+    @staticmethod
+    def _give_back(tracker, state, removed, steps, targets, orig) -> None:
+        """After a whole block overshot the target: return pass 1's blocks, latest first, while
+        every target still holds (a coarse unit, such as a KV group, came after finer channels
+        that it makes unnecessary). A group's blocks go back in reverse order only."""
+        held: set[int] = set()
+        for gid, k, deltas in reversed(steps):
+            if gid in held:
+                continue
+            totals = tracker.apply({d: -n for d, n in deltas.items()})
+            if any(totals[m] > targets[m] * orig[m] for m in targets):
+                tracker.apply(deltas)
+                held.add(gid)
+                continue
+            del removed[gid][len(removed[gid]) - k:]
+            if not removed[gid]:
+                del removed[gid]
+            state[gid]["taken"] -= k
 
     @staticmethod
     def _partial_block(tracker, state, gids, targets, orig, lo):

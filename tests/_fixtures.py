@@ -17,6 +17,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from graphprune.ort_macs import ort_macs  # the independent MAC count lives in the package; tests use it from here
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # models/ is a top-level package of the repository
     sys.path.insert(0, str(ROOT))
@@ -84,56 +86,6 @@ def independent_macs(model: onnx.ModelProto) -> int:
             cols = b[0] if attrs.get("transB", 0) else b[1]
             total += m * k * cols
     return total
-
-
-def ort_macs(model: onnx.ModelProto, shapes: dict) -> int:
-    """Conv/ConvTranspose/Gemm/MatMul multiply-accumulates measured by running the model in
-    onnxruntime at `shapes` ({input: dims}; int inputs are zeros, float ones random) with every
-    such node's inputs and outputs exposed as graph outputs: each node's real shapes, so folded
-    and dynamic axes count at their run-time sizes. Independent of graphprune's cost model."""
-    import onnxruntime as ort
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    typed = onnx.shape_inference.infer_shapes(model)
-    elem = {vi.name: vi.type.tensor_type.elem_type
-            for vi in (*typed.graph.value_info, *typed.graph.input, *typed.graph.output)}
-    costed = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
-    have = {o.name for o in model.graph.output}
-    for n in costed:
-        for name in (*n.input[:2], n.output[0]):
-            if name and name not in inits and name not in have:
-                model.graph.output.append(helper.make_tensor_value_info(name, elem.get(name, TensorProto.FLOAT), None))
-                have.add(name)
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-        shape = shapes[vi.name]
-        feeds[vi.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
-                          else np.zeros(shape, dtype))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    real = dict(zip(names, (v.shape for v in sess.run(names, feeds))))
-    real.update(inits)
-    total = 0
-    for n in costed:
-        a, b, y = real[n.input[0]], real[n.input[1]], real[n.output[0]]
-        attrs = {x.name: helper.get_attribute_value(x) for x in n.attribute}
-        if n.op_type == "Conv":  # every output element: C_in/group x kernel
-            total += int(np.prod(y)) * int(np.prod(b[1:]))
-        elif n.op_type == "ConvTranspose":  # every input element: C_out/group x kernel
-            total += int(np.prod(a)) * int(np.prod(b[1:]))
-        elif n.op_type == "Gemm":
-            m, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
-            total += m * k * (b[0] if attrs.get("transB", 0) else b[1])
-        else:  # MatMul: every output element is a K-long dot product
-            total += int(np.prod(y)) * a[-1]
-    return int(total)
 
 
 def float_params(model: onnx.ModelProto) -> int:

@@ -5,6 +5,7 @@ from .base import (_GLOBAL, FactorBlock, OpRule, OpRuleRegistry, RewriteContext,
                    register_op_rule, rule_for)
 from .attention import register_attention_rules
 from .contrib import register_contrib_rules
+from .costed import register_costed_rules
 from .quant import register_quant_rules
 from .recurrent import register_recurrent_rules
 from .fill import register_fill_rules
@@ -20,6 +21,7 @@ __all__ = ["OpRule", "OpRuleRegistry", "RuleContext", "RewriteContext", "FactorB
 
 register_builtin_rules(_GLOBAL)
 register_contrib_rules(_GLOBAL)
+register_costed_rules(_GLOBAL)
 register_attention_rules(_GLOBAL)
 register_quant_rules(_GLOBAL)
 register_recurrent_rules(_GLOBAL)

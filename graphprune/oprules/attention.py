@@ -14,9 +14,34 @@ import math
 
 import numpy as np
 
+from ..cost import CostTerm, concrete_shape, static_size
 from .base import OpRule, OpRuleRegistry, RewriteContext, RuleContext
 
-__all__ = ["OnnxAttention", "FlatHeadsAttention", "tie_flat_heads", "register_attention_rules"]
+__all__ = ["OnnxAttention", "FlatHeadsAttention", "tie_flat_heads", "register_attention_rules", "attention_core_terms"]
+
+
+def _input(node, i: int):
+    return node.inputs[i] if i < len(node.inputs) and node.inputs[i].name else None
+
+
+def _output(node, i: int):
+    return node.outputs[i] if i < len(node.outputs) and node.outputs[i].name else None
+
+
+def attention_core_terms(node, spatial, q_axes: list, y_axes: list, total) -> list[CostTerm]:
+    """Q.K^T and scores.V of a fused attention op: every query position meets `total` key
+    positions, once per query-hidden element (Q.K^T) and once per value-hidden element of the
+    output (scores.V). `q_axes`/`y_axes`: (tensor, axis) pairs whose sizes multiply to the query's
+    and the output's element counts; `total`: the total key length (a concrete shape's size; 1 when
+    unknown, as for other dynamic axes)."""
+    name = node.name or node.outputs[0].name
+    t = static_size(total)
+    return [CostTerm(name, float(t), list(q_axes)), CostTerm(name, float(t), list(y_axes))]
+
+
+def _seq_len(t, spatial, axis: int) -> int:
+    s = concrete_shape(t, spatial) if t is not None else None
+    return static_size(s[axis]) if s is not None and len(s) > axis else 0
 
 
 def _rank(ctx: RuleContext, t) -> int:
@@ -86,6 +111,25 @@ class FlatHeadsAttention(OpRule):
         self.past, self.present, self.skipped = past, present, skipped
         self.per_head, self.bias, self.kv_attr = per_head, bias, kv_attr
 
+    def cost_terms(self, node, spatial=None) -> list[CostTerm]:
+        """Q.K^T + scores.V over the total key length: the past's length (past_key [B, kv_heads, P, d])
+        plus the new keys' (key [B, L, D] or [B, N, L, d]; with QKV packed in the query, the query's
+        own length), as the contrib op specs define total_sequence_length."""
+        q, y = _input(node, 0), _output(node, 0)
+        ys = concrete_shape(y, spatial) if y is not None else None
+        qs = concrete_shape(q, spatial) if q is not None else None
+        if ys is None or qs is None or len(ys) != 3:
+            return []
+        k = _input(node, 1)
+        ks = concrete_shape(k, spatial) if k is not None else None
+        new = static_size(ks[1]) if ks is not None and len(ks) == 3 else \
+            static_size(ks[2]) if ks is not None and len(ks) == 4 else static_size(ys[1])
+        total = new + _seq_len(_input(node, self.past[0]), spatial, 2)
+        y_axes = [(y.name, a) for a in range(3)]
+        separate_q = len(qs) == 3 and k is not None
+        q_axes = [(y.name, 0), (y.name, 1), (q.name, 2)] if separate_q else y_axes  # packed: head sizes agree
+        return attention_core_terms(node, spatial, q_axes, y_axes, total)
+
     def _heads(self, attrs) -> tuple[int, int]:
         hq = int(attrs.get("num_heads", 0))
         return hq, int(attrs.get(self.kv_attr, 0)) if self.kv_attr else hq
@@ -131,6 +175,21 @@ class FlatHeadsAttention(OpRule):
 class OnnxAttention(OpRule):
     """ONNX Attention (opset 23): 3-D inputs with q_num_heads/kv_num_heads, or 4-D
     [batch, heads, seq, head_size] inputs where the head axis is explicit."""
+
+    def cost_terms(self, node, spatial=None) -> list[CostTerm]:
+        """Q.K^T + scores.V over the total key length: present_key's sequence axis where the op
+        writes it, else the key's plus past_key's."""
+        q, k, y = _input(node, 0), _input(node, 1), _output(node, 0)
+        if q is None or k is None or y is None:
+            return []
+        qs, ks, ys = (concrete_shape(t, spatial) for t in (q, k, y))
+        if qs is None or ks is None or ys is None or len(qs) != len(ys) or len(ks) not in (3, 4):
+            return []
+        seq_axis = 2 if len(ks) == 4 else 1
+        total = _seq_len(_output(node, 1), spatial, 2) or (
+            static_size(ks[seq_axis]) + _seq_len(_input(node, 4), spatial, 2))
+        return attention_core_terms(node, spatial, [(q.name, a) for a in range(len(qs))],
+                                    [(y.name, a) for a in range(len(ys))], total)
 
     def analyze(self, ctx: RuleContext) -> None:
         q, k, v, mask = ctx.input(0), ctx.input(1), ctx.input(2), ctx.input(3)

@@ -59,9 +59,24 @@ class Attention(OpRule):
         xs = concrete_shape(node.inputs[0], spatial)
         if xs is None or len(xs) != 3:
             return []
-        w = node.inputs[1]
-        return [CostTerm(node.name or node.outputs[0].name, static_size(xs[0]) * static_size(xs[1]),
-                         [(w.name, 0), (w.name, 1)])]
+        w, y = node.inputs[1], node.outputs[0]
+        terms = [CostTerm(node.name or y.name, static_size(xs[0]) * static_size(xs[1]), [(w.name, 0), (w.name, 1)])]
+        # Q.K^T + scores.V over the total key length: present's ([2, B, N, T, d]) where written,
+        # else the sequence plus past's; the query hidden is a third of the packed weight
+        # (unequal qkv_hidden_sizes pin the op, so the thirds agree whenever heads are pruned)
+        ws, ys = concrete_shape(w, spatial), concrete_shape(y, spatial)
+        if ws is None or ys is None or len(ws) != 2 or len(ys) != 3:
+            return terms
+        sizes = node.attrs.get("qkv_hidden_sizes")
+        present = concrete_shape(node.outputs[1], spatial) if len(node.outputs) > 1 and node.outputs[1].name else None
+        past = concrete_shape(node.inputs[4], spatial) if len(node.inputs) > 4 and node.inputs[4].name else None
+        total = static_size(present[3]) if present is not None and len(present) == 5 else \
+            static_size(xs[1]) + (static_size(past[3]) if past is not None and len(past) == 5 else 0)
+        q_share = (float(sizes[0]) / float(sum(sizes))) if sizes else 1.0 / 3.0
+        name = node.name or y.name
+        terms += [CostTerm(name, total * q_share, [(y.name, 0), (y.name, 1), (w.name, 1)]),
+                  CostTerm(name, float(total), [(y.name, a) for a in range(3)])]
+        return terms
 
     def analyze(self, ctx: RuleContext) -> None:
         x, w, b, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
