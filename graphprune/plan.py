@@ -140,6 +140,8 @@ def _groups(ctx, orig: _Original) -> list[dict]:
             entry = orig.trace(m.tensor, m.axis)
             if isinstance(tensors.get(m.tensor), gs.Constant) or entry["source"] != "derived":
                 entry |= {"role": m.role, "removed": [int(i) for i in rm]}
+                if entry.get("initializer", m.tensor) != m.tensor:  # the constant the rewrite sliced (a copy
+                    entry["pruned_tensor"], entry["pruned_axis"] = m.tensor, m.axis  # or folded Transpose of it)
                 src = entry.get("initializer")
                 if src is not None:
                     v = orig.value(src)
@@ -171,6 +173,18 @@ def _small(v: "np.ndarray | None"):
     return None if v is None or v.size > _SMALL else np.asarray(v).tolist()
 
 
+def _patched(new: "_Original", name: str) -> "dict | None":
+    """A run-time shape the rewrite patches with Where(mask, new, old): the positions and values set."""
+    n = new.producer.get(name)
+    if n is None or n.op_type != "Where" or len(n.input) != 3:
+        return None
+    mask, vals = new.value(n.input[0]), new.value(n.input[1])
+    if mask is None or vals is None or mask.ndim != 1 or vals.shape != mask.shape:
+        return None
+    pos = [int(k) for k in np.nonzero(mask)[0]]
+    return {"after": {"positions": pos, "values": [int(vals[k]) for k in pos]}, "patched_by": n.name}
+
+
 def _graph_changes(orig_proto: onnx.ModelProto, pruned: onnx.ModelProto, orig: _Original, sliced: set) -> list[dict]:
     """Node attributes and small constant inputs (Reshape shapes, head counts) that changed, by node name."""
     new = _Original(pruned)
@@ -187,9 +201,15 @@ def _graph_changes(orig_proto: onnx.ModelProto, pruned: onnx.ModelProto, orig: _
                                 "before": oa.get(k), "after": na.get(k)})
         for i, (oi, ni) in enumerate(zip(o.input, n.input)):
             src = _COPY_SUFFIX.sub("", oi)
-            if not oi or src in sliced:
+            if not oi or src in sliced or ni == oi and oi not in orig.inits and oi not in new.inits:
                 continue
             before, after = orig.value(oi), new.value(ni)
+            if after is None and ni != oi:  # a shape computed at run time, patched by an inserted node
+                change = _patched(new, ni)
+                if change is not None:
+                    changes.append({"node": n.name, "op": n.op_type, "input": i, "tensor": oi,
+                                    "before": _small(before)} | change)
+                continue
             if before is None or after is None or before.size > _SMALL:
                 continue
             if before.shape != after.shape or not np.array_equal(before, after):
@@ -216,6 +236,10 @@ def plan_from_result(result, original: "str | os.PathLike | onnx.ModelProto") ->
         notes.append("initializers named onnx::* come from the TorchScript exporter, which folded BatchNorm into "
                      "the convolutions and renamed them; export with do_constant_folding=False (or dynamo=True, "
                      "optimize=False) to keep the PyTorch parameter names")
+    if any(n.endswith(".weight_bias") for n in sliced):
+        notes.append("initializers named *.weight_bias come from the dynamo exporter's optimizer, which folded "
+                     "BatchNorm into the convolutions (their *.weight holds the folded values); export with "
+                     "dynamo=True, optimize=False to keep BatchNorm and the PyTorch parameter names")
     return {
         "schema": SCHEMA,
         "macs_before": r.get("macs_before"), "macs_after": r.get("macs_after"),
@@ -304,8 +328,9 @@ def apply_plan_to_torch(module: Any, p: "dict | str | os.PathLike", *, check_val
     info = {t["initializer"]: t for g in p["groups"] for t in g["tensors"]}
     for name in slices:
         if name not in params:
-            hint = (" (the TorchScript exporter folded BatchNorm and renamed it: export with "
-                    "do_constant_folding=False or dynamo=True, optimize=False)") if name.startswith("onnx::") else ""
+            hint = (" (the exporter folded BatchNorm into the convolutions and renamed it: export with "
+                    "do_constant_folding=False or dynamo=True, optimize=False)") \
+                if name.startswith("onnx::") or name.endswith(".weight_bias") else ""
             raise PlanError(f"the module has no parameter or buffer {name}{hint}")
         t, ref = params[name], info[name]
         if list(t.shape) != list(ref["shape"]):
