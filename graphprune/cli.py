@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output path (default: <stem>.pruned.onnx beside the input)")
     add_option_arguments(p, PRUNE)
     p.add_argument("--report", metavar="JSON", help="write the report (MACs, params, groups, removed channels)")
-    p.add_argument("--plan", metavar="JSON", help="write the pruning plan in the input's tensor names (graphprune/plan.py)")
+    p.add_argument("--plan", metavar="JSON",
+                   help="write the pruning plan in the input's tensor names (docs/plan.md)")
     lat = p.add_argument_group("latency (onnxruntime CPU/CUDA, TensorRT, PyTorch CUDA)")
     lat.add_argument("--target-latency", type=_ratio, metavar="R",
                      help="prune until the measured latency on --backend is at most R x the original's (searches "

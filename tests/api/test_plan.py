@@ -285,3 +285,17 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path, capsys):
     with pytest.raises(PlanError):
         load_plan(tmp_path / "m.onnx")
     json.loads(json.dumps(graphprune.plan(str(path), target_flops=0.6)))  # plain JSON types
+
+
+def test_docs_plan_example_runs(tmp_path, monkeypatch):
+    """docs/plan.md's Python example runs as written (export, plan, apply in torch, compare)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "plan.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    for b in blocks:
+        exec(compile(b, "docs/plan.md", "exec"), ns)
+    assert ns["plan"]["groups"] and ns["net"].conv1.out_channels + ns["net"].conv2.out_channels < 48
