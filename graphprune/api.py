@@ -30,13 +30,14 @@ def default_pipeline() -> PassManager:
     """
     from .fidelity import FidelityPass
     from .passes import (AllocatePass, AnalyzePass, CompensatePass, CompensationGuardPass, DeadNodeCleanupPass,
-                         NormalizePass, RewritePass, ScorePass, VerifyPass)
+                         NormalizePass, RecoverPass, RewritePass, ScorePass, VerifyPass)
     from .passes.uniform_heads import UniformHeadsPass
 
     return PassManager([NormalizePass(), AnalyzePass(), ScorePass(), AllocatePass(), UniformHeadsPass(),
                         RewritePass(),
                         DeadNodeCleanupPass(), VerifyPass(), FidelityPass("uncompensated", "fidelity-uncompensated"),
-                        CompensatePass(), FidelityPass("final", "fidelity"), CompensationGuardPass()])
+                        CompensatePass(), FidelityPass("final", "fidelity"), CompensationGuardPass(),
+                        RecoverPass()])
 
 
 def analysis_pipeline() -> PassManager:

@@ -116,10 +116,16 @@ class OptionSpec:
         return value
 
 
-_FLOAT_CHECKS = {"ratio": check_ratio, "fraction": check_fraction, "non_negative": check_non_negative}
+def check_positive(v: float) -> str | None:
+    return None if v > 0 and v != float("inf") else f"{v} must be > 0"
+
+
+_FLOAT_CHECKS = {"ratio": check_ratio, "fraction": check_fraction, "non_negative": check_non_negative,
+                 "positive": check_positive}
 
 _CALIB = "accuracy without fine-tuning"
 _DEPTH = "depth pruning (whole residual branches)"
+_RECOVER = "recovery (distillation against the original, no labels)"
 
 
 def _branch_criteria() -> list[str]:
@@ -209,6 +215,21 @@ class PruneOptions:
     fidelity: bool | None = option(
         None, "report output fidelity on held-out samples (on by default with --calib/--compensate)", kind="flag",
         commands=(PRUNE,), group=_CALIB)
+    recover: bool = option(
+        False, "after pruning (and compensation), train the pruned graph's weights in PyTorch to reproduce the "
+               "original's outputs on augmented calibration inputs; the held-out samples decide when to stop",
+        kind="flag", commands=(PRUNE,), group=_RECOVER)
+    recover_minutes: float = option(
+        5.0, "--recover time budget in minutes (default: {default})", kind="positive", metavar="M",
+        commands=(PRUNE,), group=_RECOVER)
+    recover_steps: int | None = option(
+        None, "--recover: train exactly N steps instead of a time budget", kind="int>=1", metavar="N",
+        commands=(PRUNE,), group=_RECOVER)
+    recover_batch: int = option(16, "--recover: samples per training step (default: {default})", kind="int>=1",
+                                metavar="N", commands=(PRUNE,), group=_RECOVER)
+    recover_lr: float = option(1e-4, "--recover: Adam learning rate, decayed to 0 over the budget "
+                                     "(default: {default})", kind="positive", metavar="LR",
+                               commands=(PRUNE,), group=_RECOVER)
     stats_memory: int | None = option(None, "bytes of Hessians held at once", kind="int>=1")
     verify: bool = option(False, "check the mask-equivalence oracle with onnxruntime (needs onnxruntime)",
                         kind="flag", commands=(PRUNE,))
@@ -287,7 +308,9 @@ class PruneOptions:
                    compensate=self.compensate, compensate_damp=self.compensate_damp,
                    compensate_select=self.compensate_select, compensate_residual=self.compensate_residual,
                    compensate_sequential=self.compensate_sequential, compensate_resume=self.compensate_resume,
-                   fidelity=bool(fidelity), shape=self.shape)
+                   fidelity=bool(fidelity), shape=self.shape, recover=self.recover,
+                   recover_minutes=self.recover_minutes, recover_steps=self.recover_steps,
+                   recover_batch=self.recover_batch, recover_lr=self.recover_lr)
         if self.stats_memory is not None:
             out["stats_memory"] = self.stats_memory
         return out

@@ -8,10 +8,12 @@ from .cleanup import DeadNodeCleanupPass
 from .compensate import COMPENSATE_MODES, CompensatePass, CompensationGuardPass
 from .criteria import CRITERIA, criterion_names, register_criterion
 from .normalize import NormalizePass
+from .recover import RecoverPass
 from .rewrite import RewritePass
 from .score import ScoreContext, ScorePass
 from .verify import VerifyPass
 
 __all__ = ["NormalizePass", "AnalyzePass", "ScorePass", "ScoreContext", "AllocatePass", "RewritePass",
            "DeadNodeCleanupPass", "VerifyPass", "CompensatePass", "CompensationGuardPass", "COMPENSATE_MODES", "PrunePlan",
+           "RecoverPass",
            "register_criterion", "criterion_names", "CRITERIA"]

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # bottom to top; a module may import its own layer and the layers below it
 LAYERS = {
     "ir": {"errors", "argtypes", "op_families", "external_data", "model_io", "shape_eval", "graph", "kv_cache", "quantized", "runtime",
-           "calibration", "compare", "paths", "wellformed"},
+           "calibration", "compare", "paths", "wellformed", "torch_exec"},
     "analysis": {"roles", "rule_context", "dependency", "cost", "pipeline", "branches"},
     "oprules": {"oprules", "oprules.*"},
     "passes": {"passes", "passes.*", "options", "activations", "fidelity", "verify", "verify_io", "api", "deploy", "depth", "plan"},
