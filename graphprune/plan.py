@@ -50,8 +50,9 @@ def _fingerprint(values: np.ndarray) -> dict:
 class _Original:
     """Names and values of the input file: initializers, Constant-node outputs, producers."""
 
-    def __init__(self, proto: onnx.ModelProto):
+    def __init__(self, proto: onnx.ModelProto, base_dir: str = ""):
         g = proto.graph
+        self.base_dir = base_dir  # external data is read per tensor, only for the tensors asked about
         self.inits = {t.name: t for t in g.initializer}
         self.producer = {o: n for n in g.node for o in n.output if o}
         self.nodes = {n.name: n for n in g.node if n.name}
@@ -63,7 +64,7 @@ class _Original:
 
     def value(self, name: str) -> "np.ndarray | None":
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
+            return numpy_helper.to_array(self.inits[name], self.base_dir)
         n = self.producer.get(name)
         if n is not None and n.op_type == "Constant":
             for a in n.attribute:
@@ -220,10 +221,11 @@ def _graph_changes(orig_proto: onnx.ModelProto, pruned: onnx.ModelProto, orig: _
 
 def plan_from_result(result, original: "str | os.PathLike | onnx.ModelProto") -> dict:
     """The plan of a :class:`graphprune.PruneResult` against the model it was pruned from."""
-    from .graph import Model
-
-    proto = original if isinstance(original, onnx.ModelProto) else Model.load(original).to_proto(infer=False)
-    orig = _Original(proto)
+    if isinstance(original, onnx.ModelProto):
+        proto, base = original, ""
+    else:  # the graph only; an initializer's external data is read when the plan needs its values
+        proto, base = onnx.load(os.fspath(original), load_external_data=False), os.path.dirname(os.fspath(original))
+    orig = _Original(proto, base)
     r = result.report
     groups = _groups(result.context, orig)
     sliced = {t["initializer"] for g in groups for t in g["tensors"] if "initializer" in t}

@@ -243,6 +243,18 @@ def test_depth_branches_from_models(tmp_path):
         apply_plan_to_torch(nn.Module(), p)
 
 
+def test_depth_and_width_from_models(tmp_path):
+    from models.export import build_onnx
+
+    path = Path(build_onnx("resnet_basic", False, tmp_path))
+    result = graphprune.prune(str(path), drop_branches=1, target_flops=0.6)
+    p = plan_from_result(result, str(path))
+    assert len(p["branches"]) == 1 and p["groups"]
+    assert check_plan_names_and_shapes(path, p, result.model) > 4
+    gone = set(p["branches"][0]["nodes"])
+    assert not gone & {n for g in p["groups"] for n in g["nodes"]}  # width groups live outside the branch
+
+
 def test_cli_plan_and_prune_plan_agree(tmp_path):
     m = _model(ConvNet)
     path = _export(m, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx", "dynamo")
