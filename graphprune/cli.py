@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     there, with their defaults, checks and choices); the flags here are the command's own."""
     p = _Parser(prog="graphprune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
                 description="Structured pruning of ONNX models: removes coupled channels and writes a "
-                            "physically smaller ONNX graph. Subcommand: `graphprune analyze MODEL`.")
+                            "physically smaller ONNX graph. Subcommands: `graphprune analyze MODEL`, "
+                            "`graphprune plan MODEL`.")
     p.add_argument("model", help="input .onnx file (never modified)")
     p.add_argument("-o", "--output", help="output path (default: <stem>.pruned.onnx beside the input)")
     add_option_arguments(p, PRUNE)

@@ -231,6 +231,25 @@ def test_transformer_heads_from_models(tmp_path):
     assert patched and any(set(c["after"]["values"]) & kept for c in patched if isinstance(c["after"], dict))
 
 
+def test_kv_groups_and_head_counts_in_a_genai_model():
+    """GroupQueryAttention (com.microsoft): whole KV groups go; num_heads/kv_num_heads are reported."""
+    path = Path(__file__).resolve().parents[1] / "data" / "genai" / "llama_fp32" / "model.onnx"
+    result = graphprune.prune(str(path), target_flops=0.6, prune_kv_cache=True)
+    p = plan_from_result(result, str(path))
+    check_plan_names_and_shapes(path, p, result.model)
+    kv = [g for g in p["groups"] if g["kind"] == "kv_groups"]
+    assert kv
+    attrs = {(c["node"], c["attribute"]): c for c in p["graph_changes"] if "attribute" in c}
+    for g in kv:
+        gqa = [n for n in g["nodes"] if (n, "kv_num_heads") in attrs] or [
+            n for (n, a) in attrs if a == "kv_num_heads"]
+        assert gqa
+        c = attrs[(gqa[0], "kv_num_heads")]
+        assert c["before"] * g["size_after"] == c["after"] * g["size_before"]
+        q = attrs[(gqa[0], "num_heads")]
+        assert q["after"] * c["before"] == q["before"] * c["after"]  # query heads per KV group unchanged
+
+
 def test_depth_branches_from_models(tmp_path):
     from models.export import build_onnx
 
