@@ -310,14 +310,17 @@ def _slices(p: dict) -> dict[str, dict[int, set]]:
     return out
 
 
-def apply_plan_to_torch(module: Any, p: "dict | str | os.PathLike", *, check_values: bool = True) -> Any:
+def apply_plan_to_torch(module: Any, p: "dict | str | os.PathLike", *, check_values: bool = True,
+                        example_inputs: "tuple | None" = None) -> Any:
     """Slice `module`'s parameters and buffers (by name) as the plan says, in place, and fix
     in_channels/out_channels/groups (Conv), num_features (BatchNorm), in_features/out_features
     (Linear), normalized_shape (LayerNorm), embedding_dim, num_heads/embed_dim where present.
 
     Refuses (:class:`PlanError`, nothing changed) a plan with removed residual branches, a sliced
     constant that is not a parameter, a name the module lacks, a shape that differs from the ONNX
-    initializer's, or (`check_values`) values that differ (BatchNorm folded by the exporter)."""
+    initializer's, or (`check_values`) values that differ (BatchNorm folded by the exporter). With
+    `example_inputs` (a tuple) the sliced module is run once; if it fails (a layer the plan does not
+    name kept its width) everything is put back and :class:`PlanError` is raised."""
     import torch
 
     p = load_plan(p)
@@ -346,23 +349,49 @@ def apply_plan_to_torch(module: Any, p: "dict | str | os.PathLike", *, check_val
                                 f"into it by the exporter?): export with dynamo=True, optimize=False, or "
                                 f"do_constant_folding=False; check_values=False skips this check")
     mods = dict(module.named_modules())
-    with torch.no_grad():
-        for name, axes in slices.items():
-            owner, _, attr = name.rpartition(".")
-            m = mods[owner]
-            t = getattr(m, attr)
-            v = t.data
-            for axis, rm in sorted(axes.items()):
-                keep = torch.tensor([i for i in range(v.shape[axis]) if i not in rm], dtype=torch.long,
-                                    device=v.device)
-                v = v.index_select(axis, keep).contiguous()
+    owners = sorted({n.rpartition(".")[0] for n in slices})
+    saved = [(mods[n.rpartition(".")[0]], n.rpartition(".")[2]) for n in slices]
+    saved = [(m, attr, getattr(m, attr)) for m, attr in saved]
+    attrs = {o: {k: v for k, v in vars(mods[o]).items() if k in _SIZE_FIELDS} for o in owners}
+    try:
+        with torch.no_grad():
+            for name, axes in slices.items():
+                owner, _, attr = name.rpartition(".")
+                m = mods[owner]
+                t = getattr(m, attr)
+                v = t.data
+                for axis, rm in sorted(axes.items()):
+                    keep = torch.tensor([i for i in range(v.shape[axis]) if i not in rm], dtype=torch.long,
+                                        device=v.device)
+                    v = v.index_select(axis, keep).contiguous()
+                if isinstance(t, torch.nn.Parameter):
+                    setattr(m, attr, torch.nn.Parameter(v, requires_grad=t.requires_grad))
+                else:
+                    m._buffers[attr] = v
+            for owner in owners:
+                _fix_attributes(mods[owner])
+            if example_inputs is not None:
+                try:
+                    module(*example_inputs)
+                except Exception as exc:  # noqa: BLE001 - any failure means the structure does not fit
+                    raise PlanError(f"the sliced module fails on example_inputs ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''}): a layer the plan does not "
+                                    f"name (a BatchNorm folded by the exporter, a hard-coded size?) kept its old "
+                                    f"width; export with dynamo=True, optimize=False") from None
+    except BaseException:
+        for m, attr, t in saved:  # nothing changed: the original tensors and sizes back
             if isinstance(t, torch.nn.Parameter):
-                setattr(m, attr, torch.nn.Parameter(v, requires_grad=t.requires_grad))
+                setattr(m, attr, t)
             else:
-                m._buffers[attr] = v
-        for owner in sorted({n.rpartition(".")[0] for n in slices}):
-            _fix_attributes(mods[owner])
+                m._buffers[attr] = t
+        for o, fields in attrs.items():
+            vars(mods[o]).update(fields)
+        raise
     return module
+
+
+_SIZE_FIELDS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
+                "normalized_shape", "num_embeddings", "embedding_dim", "num_channels")
 
 
 def _fix_attributes(m) -> None:

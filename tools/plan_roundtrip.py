@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     t_prune = time.perf_counter() - t0
     plan = load_plan(plan_path)
     n_params = sum(p.numel() for p in model.parameters())
-    apply_plan_to_torch(model, plan)
+    apply_plan_to_torch(model, plan, example_inputs=(x,))
     with torch.no_grad():
         got = model(x).numpy()
     sess = ort.InferenceSession(str(pruned), providers=["CPUExecutionProvider"])

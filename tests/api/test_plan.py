@@ -164,7 +164,7 @@ def test_round_trip_in_torch(tmp_path, case, exporter):
         # heads expanded to their rows on every weight that carries them
         q = next(t for t in heads[0]["tensors"] if t.get("initializer") == "q.weight")
         assert len(q["removed"]) == HEAD_DIM * len(heads[0]["removed"])
-    apply_plan_to_torch(m, p)
+    apply_plan_to_torch(m, p, example_inputs=(x,))
     with torch.no_grad():
         got = m(x).numpy()
     want = _ort(result.model, {"x": x.numpy()})
@@ -200,6 +200,25 @@ def test_folded_batchnorm_refused(tmp_path, exporter):
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # nothing changed
     if exporter == "torchscript-default":
         assert any("TorchScript" in n for n in p["notes"])
+
+
+def test_folded_identity_batchnorm_caught_by_example_inputs(tmp_path):
+    """Fresh BatchNorm (mean 0, var 1) folds into values the fingerprint cannot tell apart; running the
+    sliced module on example inputs catches the BatchNorm the plan does not name, and undoes everything."""
+    torch.manual_seed(0)
+    m = ConvNet().eval()
+    x = torch.randn(1, 3, 8, 8)
+    path = _export(m, x, tmp_path / "m.onnx", "dynamo-default")
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
+    p = graphprune.plan(str(path), target_flops=0.6)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    sizes = [(mod.in_channels, mod.out_channels) for mod in (m.conv1, m.conv2)]
+    with pytest.raises(PlanError, match="example_inputs"):
+        apply_plan_to_torch(m, p, example_inputs=(x,))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert [(mod.in_channels, mod.out_channels) for mod in (m.conv1, m.conv2)] == sizes
+    with torch.no_grad():
+        m(x)  # the module still runs as before
 
 
 def test_cnn_from_models(tmp_path):
