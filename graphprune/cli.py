@@ -26,6 +26,7 @@ examples:
   graphprune model.onnx --target-flops 0.5 --calib calib.npz --criterion obs --compensate obs
   graphprune model.onnx --target-flops 0.5 --calib images/ --calib-preprocess imagenet size=224
   graphprune analyze model.onnx
+  graphprune plan model.onnx --target-flops 0.5 -o plan.json
 """
 
 
@@ -38,11 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     there, with their defaults, checks and choices); the flags here are the command's own."""
     p = _Parser(prog="graphprune", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
                 description="Structured pruning of ONNX models: removes coupled channels and writes a "
-                            "physically smaller ONNX graph. Subcommand: `graphprune analyze MODEL`.")
+                            "physically smaller ONNX graph. Subcommands: `graphprune analyze MODEL`, "
+                            "`graphprune plan MODEL`.")
     p.add_argument("model", help="input .onnx file (never modified)")
     p.add_argument("-o", "--output", help="output path (default: <stem>.pruned.onnx beside the input)")
     add_option_arguments(p, PRUNE)
     p.add_argument("--report", metavar="JSON", help="write the report (MACs, params, groups, removed channels)")
+    p.add_argument("--plan", metavar="JSON",
+                   help="write the pruning plan in the input's tensor names (docs/plan.md)")
     lat = p.add_argument_group("latency (onnxruntime CPU/CUDA, TensorRT, PyTorch CUDA)")
     lat.add_argument("--target-latency", type=_ratio, metavar="R",
                      help="prune until the measured latency on --backend is at most R x the original's (searches "
@@ -122,7 +126,8 @@ def _run_prune(args) -> int:
             check_input(given, flag)
     # every output checked against the inputs and each other before anything is read or written
     inputs = input_identities(src, args.calib, verify_inputs)
-    targets = check_outputs([("-o", out), ("--report", args.report), ("--report-html", args.report_html)], inputs)
+    targets = check_outputs([("-o", out), ("--report", args.report), ("--report-html", args.report_html),
+                             ("--plan", getattr(args, "plan", None))], inputs)
     out = Path(out)
     if args.calib_preprocess and not args.calib:
         raise BadInputError("--calib-preprocess needs --calib (a folder of images)")
@@ -252,6 +257,10 @@ def _after_save(args, r: dict, result, src: Path, out: Path, folder, targets: di
             texts.append(("--report-html", report_html.render_report_html(r, model=str(src), bench=r.get("bench"))))
         except OSError as exc:
             raise BadInputError(f"cannot write --report-html {args.report_html}: {exc.strerror or exc}") from None
+    if getattr(args, "plan", None):
+        from .plan import plan_from_result, plan_json
+
+        texts.append(("--plan", plan_json(plan_from_result(result, str(src)))))
     from .paths import write_text_atomic
 
     for flag, text in texts:
@@ -320,11 +329,55 @@ def _run_analyze(argv) -> int:
     return EXIT_OK
 
 
+def build_plan_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphprune plan", description="Prune as `graphprune MODEL` does, but write only the plan: "
+                "every removed channel, head and residual branch in the input file's tensor names (JSON, schema "
+                "graphprune.plan/1; docs/plan.md). Nothing else is written.")
+    p.add_argument("model", help="input .onnx file (never modified)")
+    p.add_argument("-o", "--output", help="plan path (default: <stem>.plan.json beside the input)")
+    add_option_arguments(p, PRUNE)
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    return p
+
+
+def _run_plan(argv) -> int:
+    from .api import prune
+    from .paths import check_input, check_outputs, input_identities
+    from .plan import plan_from_result, plan_json
+
+    args = build_plan_parser().parse_args(argv)
+    if args.target_flops is None and args.target_params is None and args.drop_branches is None:
+        raise BadInputError("give --target-flops R or --target-params R (the fraction to keep, in (0, 1]) or "
+                            "--drop-branches N")
+    src = check_input(args.model)
+    if args.calib is not None and not Path(args.calib).is_dir():
+        check_input(args.calib, "--calib")
+    out = args.output if args.output is not None else str(src.with_name(f"{src.stem}.plan.json"))
+    targets = check_outputs([("-o", out)], input_identities(src, args.calib), model_flag="")
+    common = options_from_args(args, PRUNE) | {"progress": not args.quiet and sys.stderr.isatty()}
+    del common["target_flops"], common["target_params"]
+    result = prune(str(src), target_flops=args.target_flops, target_params=args.target_params, **common)
+    p = plan_from_result(result, str(src))
+    from .paths import write_text_atomic
+
+    write_text_atomic(targets["-o"].path, plan_json(p), "-o")
+    if not args.quiet:
+        n = sum(len(g["tensors"]) for g in p["groups"])
+        print(f"plan    {len(p['groups'])} groups pruned ({n} initializer slices), {len(p['branches'])} residual "
+              f"branches removed, {len(p['graph_changes'])} other graph changes")
+        for note in p["notes"]:
+            print(f"note: {note}")
+        print(f"wrote   {out}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "analyze":
             return _run_analyze(argv[1:])
+        if argv and argv[0] == "plan":
+            return _run_plan(argv[1:])
         if argv and argv[0] == "bench":
             from .bench import main as bench_main  # latency side by side (graphprune/bench.py)
 

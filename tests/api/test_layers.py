@@ -19,7 +19,7 @@ LAYERS = {
            "calibration", "compare", "paths", "wellformed", "torch_exec", "ort_macs"},
     "analysis": {"roles", "rule_context", "dependency", "cost", "pipeline", "branches"},
     "oprules": {"oprules", "oprules.*"},
-    "passes": {"passes", "passes.*", "options", "activations", "fidelity", "verify", "verify_io", "api", "deploy", "depth"},
+    "passes": {"passes", "passes.*", "options", "activations", "fidelity", "verify", "verify_io", "api", "deploy", "depth", "plan"},
     "measure": {"backends", "backends.*", "bench", "latency", "latency.*", "report_html"},
     "cli": {"cli", "__main__", ""},  # "" is the package itself (graphprune/__init__.py re-exports the API)
 }
