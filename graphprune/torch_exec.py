@@ -615,7 +615,8 @@ class TorchGraph:
     def parameters(self):
         return list(self.module.params)
 
-    def run(self, feeds: dict) -> dict:
+    def run(self, feeds: dict, extra: "list[str] | tuple" = ()) -> dict:
+        """{output name: tensor} for `feeds`; `extra` names intermediate tensors to return too."""
         torch = _torch()
         env: dict[str, object] = dict(self.constants)
         for name, i in self._param_index.items():
@@ -636,7 +637,7 @@ class TorchGraph:
             for name, value in zip(node.output, outs):
                 if name:
                     env[name] = value
-        return {n: env[n] for n in self.outputs}
+        return {n: env[n] for n in (*self.outputs, *extra) if n in env}
 
     def weights(self) -> dict[str, np.ndarray]:
         """Current trainable weights, by initializer name, in their original dtypes."""

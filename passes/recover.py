@@ -24,6 +24,19 @@ __all__ = ["RecoverPass", "TWIN_TOLERANCE", "augment_images", "augment_tokens"]
 
 TWIN_TOLERANCE = 1e-3        # max relative error between onnxruntime and the torch twin
 _PATIENCE = 12               # evaluations without a held-out gain before stopping early
+# normalisation outputs are matched as intermediate targets where the pruned tensor keeps the original's
+# shape (a transformer's residual stream when the hidden width is kept): a dense signal per token
+_ANCHOR_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+               "SkipSimplifiedLayerNormalization", "RMSNormalization"}
+
+
+def _anchors(original, pruned) -> list[str]:
+    """Float outputs of normalisation nodes present in both graphs (same name)."""
+    def outs(proto):
+        return {o for n in proto.graph.node if n.op_type in _ANCHOR_OPS for o in n.output[:1] if o}
+    names = outs(original) & outs(pruned)
+    graph_out = {o.name for o in pruned.graph.output}
+    return sorted(names - graph_out)
 
 
 def _is_image(v: np.ndarray) -> bool:
@@ -140,9 +153,15 @@ class RecoverPass(Pass):
         student = TorchGraph(proto, device=device)
         if not student.trainable:
             raise BadInputError("--recover: the pruned graph has no float weights to train")
-        teacher = session(ctx.original.to_proto(), threads=threads)
+        original_proto = ctx.original.to_proto()
+        anchors = _anchors(original_proto, proto)
+        if anchors:   # the teacher also returns the intermediate targets
+            import onnx
+
+            original_proto.graph.output.extend(onnx.ValueInfoProto(name=a) for a in anchors)
+        teacher = session(original_proto, threads=threads)
         pruned_sess = session(proto, threads=threads)
-        t_names = [o.name for o in teacher.get_outputs()]
+        t_names = [o.name for o in teacher.get_outputs() if o.name not in anchors]
         feed_names = {i.name for i in teacher.get_inputs()}
         s_out = {o.name for o in proto.graph.output}
         ref = reference_outputs(ctx, calib)
@@ -215,8 +234,9 @@ class RecoverPass(Pass):
             for k, v in tensors.items():
                 if _is_image(feeds[k]):
                     tensors[k] = augment_images(torch, v, rng)
-            t_out = teacher.run(compare, {k: v.numpy() for k, v in tensors.items()})
-            s_all = student.run({k: v.to(device) for k, v in tensors.items()})
+            t_all = teacher.run(compare + anchors, {k: v.numpy() for k, v in tensors.items()})
+            t_out, t_mid = t_all[:len(compare)], t_all[len(compare):]
+            s_all = student.run({k: v.to(device) for k, v in tensors.items()}, extra=anchors)
             loss = 0.0
             for n, t in zip(compare, t_out):
                 t = torch.from_numpy(np.asarray(t)).to(device)
@@ -230,6 +250,14 @@ class RecoverPass(Pass):
                                                              reduction="batchmean") * temp * temp
                 else:
                     loss = loss + ((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12)
+            mid = []
+            for n, t in zip(anchors, t_mid):
+                s = s_all.get(n)
+                t = torch.from_numpy(np.asarray(t)).to(device)
+                if s is not None and s.shape == t.shape and t.is_floating_point():
+                    mid.append(((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12))
+            if mid and isinstance(loss, torch.Tensor):
+                loss = loss + sum(mid) / len(mid)
             if not isinstance(loss, torch.Tensor):
                 raise BadInputError("--recover: no float output of the pruned model matches the original's shape")
             opt.zero_grad(set_to_none=True)
@@ -279,7 +307,7 @@ class RecoverPass(Pass):
         fid["final"] = "after_recovery"
         info = {"steps": step, "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(step, 1), 4),
                 "stop": stop, "batch": batch, "lr": lr, "device": device,
-                "trained_tensors": len(best_state), "heldout_objective_before": round(before_score, 4),
+                "trained_tensors": len(best_state), "matched_intermediates": len(anchors), "heldout_objective_before": round(before_score, 4),
                 "heldout_objective_after": round(best, 4), "kept": "initial weights (no held-out gain)"
                 if kept_initial else "recovered", "twin_error": err_after, "history": history[-50:],
                 "calibration_samples": calib.samples, "heldout_samples": calib.heldout_samples}

@@ -212,3 +212,14 @@ def test_cli_recover_end_to_end_and_bad_values(tmp_path, capsys):
         assert rc == 2 and not out2.exists()
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "recover" in err, err
+
+
+def test_transformer_recovery_matches_the_kept_residual_stream(exported):
+    """With the hidden width kept, LayerNorm outputs keep the original's shape: they are matched too."""
+    model = onnx.load(exported["hf_bert"])
+    feeds = [synthetic_inputs(model, batch=4, seq=6, seed=s) for s in range(6)]
+    r = graphprune.prune(model, target_flops=0.6, calib=feeds, recover=True, recover_steps=3, recover_batch=4)
+    info = r.report["recovery"]
+    assert info["matched_intermediates"] > 0 and info["steps"] == 3
+    assert info["heldout_objective_after"] >= info["heldout_objective_before"]
+    onnx.checker.check_model(r.model, full_check=True)
