@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["compare_outputs", "nonfinite_outputs"]
+__all__ = ["flat_fidelity", "compare_outputs", "nonfinite_outputs"]
 
 
 def _numeric(a: np.ndarray) -> bool:
@@ -44,6 +44,28 @@ def compare_outputs(a: list, b: list) -> dict:
     if nonfinite:
         out["nonfinite"] = nonfinite
     return out
+
+
+def flat_fidelity(a: list, b: list) -> tuple[float, float]:
+    """(relative L2 error, cosine similarity) of all float outputs of `b` against `a`, flattened
+    together into one vector each (a whole-model summary; per-output, per-sample metrics are
+    graphprune.fidelity's). NaN, NaN when no output is floating point; ValueError on a shape change."""
+    xs, ys = [], []
+    for x, y in zip(a, b):
+        x, y = np.asarray(x), np.asarray(y)
+        if not np.issubdtype(x.dtype, np.floating):
+            continue
+        if x.shape != y.shape:
+            raise ValueError(f"output shape changed: {list(x.shape)} -> {list(y.shape)}")
+        xs.append(x.astype(np.float64).ravel())
+        ys.append(y.astype(np.float64).ravel())
+    if not xs:
+        return float("nan"), float("nan")
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+    rel = float(np.linalg.norm(x - y) / (nx + 1e-30))
+    cos = float(x @ y / (nx * ny)) if nx > 0 and ny > 0 else float("nan")
+    return rel, cos
 
 
 def nonfinite_outputs(names: list, arrays: list) -> list[str]:

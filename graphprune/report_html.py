@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from .errors import BadInputError
+from .paths import write_text_atomic
 
 __all__ = ["plot_widths", "plot_latency_vs_flops", "write_plots", "render_report_html", "write_report_html",
            "latency_points"]
@@ -262,11 +263,5 @@ def write_report_html(report: dict, path: "str | os.PathLike", *, title: str = "
     if path.is_dir():
         raise BadInputError(f"--report-html {path} is a directory; give a file name")
     text = render_report_html(report, title=title, model=model, points=points, bench=bench)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise BadInputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    write_text_atomic(path, text, flag="--report-html")   # a fresh temporary name, then a rename
     return str(path)

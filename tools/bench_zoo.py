@@ -66,7 +66,9 @@ COLUMNS = (
 SECTION_TITLE = "## Model zoo at --target-flops {target}"
 DEFAULT_TIMEOUT = 600
 SEQ = 16
-TOLERANCE = 0.02  # a search hits the target when the MACs ratio lands in [R - 0.02, R]
+from graphprune.argtypes import number_in  # noqa: E402
+from graphprune.options import check_ratio  # noqa: E402
+from graphprune.passes.allocate import TOLERANCE  # noqa: E402  (the target band [R - 0.02, R])
 
 # --------------------------------------------------------------------------- small helpers
 
@@ -128,48 +130,15 @@ class PeakRSS:
 
 
 def feeds_for(model, seq: int = SEQ, seed: int = 0) -> dict:
-    """Batch-1 synthetic inputs (graphprune.runtime.synthetic_inputs); masks all ones."""
+    """Batch-1 synthetic inputs (graphprune.bench.feeds_for); masks all ones."""
     import numpy as np
-    from graphprune.runtime import synthetic_inputs
+    from graphprune.bench import feeds_for as package_feeds
 
-    feeds = synthetic_inputs(model, batch=1, seq=seq, seed=seed)
+    feeds = package_feeds(model, batch=1, seq=seq, seed=seed)
     for name, value in feeds.items():
         if "mask" in name.lower() and np.issubdtype(value.dtype, np.integer):
             feeds[name] = np.ones_like(value)
     return feeds
-
-
-def ort_session(model, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    data = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-
-
-def fidelity(a: list, b: list) -> tuple[float, float]:
-    """Relative L2 error and cosine similarity of all float outputs, flattened together."""
-    import numpy as np
-
-    xs, ys = [], []
-    for x, y in zip(a, b):
-        x, y = np.asarray(x), np.asarray(y)
-        if not np.issubdtype(x.dtype, np.floating):
-            continue
-        if x.shape != y.shape:
-            raise ValueError(f"output shape changed: {list(x.shape)} -> {list(y.shape)}")
-        xs.append(x.astype(np.float64).ravel())
-        ys.append(y.astype(np.float64).ravel())
-    if not xs:
-        return float("nan"), float("nan")
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
-    rel = float(np.linalg.norm(x - y) / (nx + 1e-30))
-    cos = float(x @ y / (nx * ny)) if nx > 0 and ny > 0 else float("nan")
-    return rel, cos
 
 
 def _median(values: list[float]) -> float:
@@ -191,22 +160,26 @@ def measure_models(original, pruned: dict, *, threads: int = 2, runs: int = 20, 
     "latency_ratio"}`` or ``{"error": "..."}``.
     """
     import onnx
+    from graphprune.backends.ort import OrtCpuBackend
+    from graphprune.compare import flat_fidelity
+    from graphprune.bench import time_sessions
 
     proto = onnx.load(original, load_external_data=False) if isinstance(original, str) else original
     feeds = feeds_for(proto)
-    s_orig = ort_session(original, threads)
-    out_orig = s_orig.run(None, feeds)
+    backend = OrtCpuBackend(threads=threads)   # the package's timed onnxruntime CPU sessions
+    s_orig = backend.load(original, feeds)
+    out_orig = s_orig.run()
     results: dict = {}
     sessions = {}
     for key, model in pruned.items():
         try:
-            sess = ort_session(model, threads)
-            out = sess.run(None, feeds)
+            sess = backend.load(model, feeds)
+            out = sess.run()
         except Exception as exc:
             results[key] = {"error": f"pruned model does not run in onnxruntime: {first_line(exc)}"}
             continue
         try:
-            rel, cos = fidelity(out_orig, out)
+            rel, cos = flat_fidelity(out_orig, out)
         except Exception as exc:
             results[key] = {"error": first_line(exc)}
             continue
@@ -215,19 +188,11 @@ def measure_models(original, pruned: dict, *, threads: int = 2, runs: int = 20, 
     if not latency or not sessions:
         return results
     order = [("original", s_orig), *sessions.items()]
-    times: dict[str, list[float]] = {k: [] for k, _ in order}
-    for _ in range(max(1, warmup)):
-        for _, sess in order:
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            if sess is s_orig:
-                t_single = time.perf_counter() - t0
+    time_sessions([sess for _, sess in order], 0, max(1, warmup))            # warm-up
+    t_single = float(s_orig.time(1)[0]) / 1e3
     runs = max(runs, min(max_runs, math.ceil(min_time / max(t_single, 1e-6))))
-    for _ in range(runs):
-        for key, sess in order:
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            times[key].append(time.perf_counter() - t0)
+    ms = time_sessions([sess for _, sess in order], runs, 0, rounds=runs)    # round-robin, run by run
+    times = {key: list(m / 1e3) for (key, _), m in zip(order, ms)}
     t_orig = _median(times["original"]) * 1e3
     for key in sessions:
         t = _median(times[key]) * 1e3
@@ -735,9 +700,9 @@ def run_isolated(task: dict, timeout: float, logdir: Path) -> dict:
 
 
 def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(json.dumps(data, default=_json_default))
-    os.replace(tmp, path)
+    from graphprune.paths import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, default=_json_default))
 
 
 def worker_main(task: dict, result_path: str) -> int:
@@ -1098,10 +1063,9 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict:
                   "machine": machine, "versions": versions(), "columns": list(COLUMNS),
                   "builds": builds, "rows": rows}
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{args.json}.tmp"
-            Path(tmp).write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
-            os.replace(tmp, args.json)
+            from graphprune.paths import write_text_atomic
+
+            write_text_atomic(args.json, json.dumps(result, indent=1, default=_json_default) + "\n")
         return result
 
     paths: dict[str, str] = {}  # exporter -> built file, for the model at hand
@@ -1168,7 +1132,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--exporters", nargs="+", help="torchscript, dynamo, tf2onnx, paddle2onnx, onnx-caffe2 "
                                                   "(default: all)")
     p.add_argument("--tools", nargs="+", help=f"subset of {', '.join(TOOLS)} (default: all)")
-    p.add_argument("--target-flops", type=float, default=0.5, help="fraction of MACs to keep (default 0.5)")
+    p.add_argument("--target-flops", type=number_in(check_ratio), default=0.5, help="fraction of MACs to keep (default 0.5)")
     p.add_argument("--json", help="write the full results here")
     p.add_argument("--markdown", help="replace the zoo section of this markdown file (e.g. BENCHMARKS.md)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per (model, tool) subprocess")
@@ -1201,8 +1165,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(section)
         return 0
-    if not 0 < args.target_flops <= 1:
-        raise SystemExit("--target-flops must be in (0, 1]")
     shown = list(sys.argv[1:] if argv is None else argv)
     command = "python tools/bench_zoo.py " + " ".join(shlex.quote(a) for a in shown)
     result = run_benchmark(args, command.strip())

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from ..backends import Backend
-from ..bench import DEFAULT_SEQ, feeds_for, time_sessions
+from ..bench import DEFAULT_RUNS, DEFAULT_SEQ, DEFAULT_WARMUP, feeds_for, time_sessions
 from ..errors import BadInputError, NothingToPruneError
 from ..options import check_ratio, policy_from
 from ..pipeline import PassManager
@@ -44,8 +44,8 @@ def _kept(report: dict) -> dict:
     return {g["id"]: g["kept"] for g in report.get("groups", [])}
 
 
-def prune_to_latency(model, target_latency: float, backend: "str | Backend" = "auto", *, runs: int = 30,
-                     warmup: int = 5, threads: int = 0, batch: int = 1, shapes: dict | None = None,
+def prune_to_latency(model, target_latency: float, backend: "str | Backend" = "auto", *, runs: int = DEFAULT_RUNS,
+                     warmup: int = DEFAULT_WARMUP, threads: int = 0, batch: int = 1, shapes: dict | None = None,
                      seq: int = DEFAULT_SEQ, fp16: bool = False, use_lut: bool = True, lut_counts: int = 12,
                      lut_runs: int = 10, window: float = 0.125, max_steps: int = 8, flops_tolerance: float = 0.01,
                      cache: bool = True, cache_dir: "str | os.PathLike | None" = None,
@@ -183,7 +183,7 @@ def _next_flops(lo, hi, floor: float, target: float) -> float | None:
 
 
 def latency_vs_flops(model, targets=(1.0, 0.75, 0.5, 0.35, 0.25), backend: "str | Backend" = "auto", *,
-                     runs: int = 30, warmup: int = 5, threads: int = 0, batch: int = 1, shapes: dict | None = None,
+                     runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP, threads: int = 0, batch: int = 1, shapes: dict | None = None,
                      seq: int = DEFAULT_SEQ, fp16: bool = False, log: Callable[[str], None] | None = None,
                      **prune_kwargs) -> list[dict]:
     """Prune at each FLOPs target and measure it against the original: the points of the

@@ -64,6 +64,12 @@ def test_html_with_widths_plot(report, tmp_path):
     for g in report["groups"]:
         assert f"<td>{g['id']}</td>" in text
     assert "MACs" in text and f"{report['macs_ratio']:.3f}" in text
+    # written through a fresh temporary name and a rename: a stale fixed-name temp is never used
+    stale = tmp_path / "sub" / ".report.html.tmp"
+    stale.write_text("someone else's")
+    write_report_html(report, path, model="conv_chain.onnx")
+    assert stale.read_text() == "someone else's"
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == [".report.html.tmp", "report.html"]
 
 
 @needs_matplotlib
