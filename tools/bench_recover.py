@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--valid", type=int, default=None, help="recovery's held-out samples (default 32 / 16)")
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--pruned", type=Path, help="recover this already pruned (and compensated) model, e.g. the "
+                                                "OUT/<model>_<target>_<criterion>_<compensate>.onnx an earlier run saved")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     lite = args.model == "lite0"
@@ -88,9 +90,16 @@ def main(argv=None) -> int:
     pipe = graphprune.api.default_pipeline()
     pipe.insert_before("recover", Snapshot())
     t0 = time.perf_counter()
-    r = graphprune.prune(setup["path"], target_flops=args.target, criterion=args.criterion,
-                         compensate=args.compensate, calib=calib, round_to=8, recover=True,
-                         recover_minutes=args.minutes, progress=True, pipeline=pipe, **opts)
+    if args.pruned:
+        import onnx
+
+        snap["model"] = onnx.load(str(args.pruned))
+        r = graphprune.recover(setup["path"], args.pruned, calib=calib, recover_minutes=args.minutes, progress=True,
+                               **{k: v for k, v in opts.items() if k.startswith("recover")})
+    else:
+        r = graphprune.prune(setup["path"], target_flops=args.target, criterion=args.criterion,
+                             compensate=args.compensate, calib=calib, round_to=8, recover=True,
+                             recover_minutes=args.minutes, progress=True, pipeline=pipe, **opts)
     total = time.perf_counter() - t0
     rec = r.report["recovery"]
     row = {"model": args.model, "target": args.target, "criterion": args.criterion, "compensate": args.compensate,
