@@ -141,10 +141,9 @@ def check_uniform(pruned: onnx.ModelProto) -> dict:
 
 
 def _write_json(path: str, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".gp_", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=4)
-    os.replace(tmp, path)
+    from .paths import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=4))
 
 
 def _copy(src: str, dst: str) -> None:

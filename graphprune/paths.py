@@ -247,8 +247,9 @@ def check_outputs(outputs: "list[tuple[str, str | os.PathLike | None]]",
 
 
 def write_text_atomic(path: "str | os.PathLike", text: str, flag: str = "") -> Path:
-    """Write a report: a fresh temporary file beside `path`, then a rename (a reader sees the old
-    file or the new one, never a part). Missing folders are created. OSError: one-line BadInputError."""
+    """Write a report: a fresh temporary file beside `path` (a unique name, so two writers never share
+    one), fsync'd, then a rename (a reader sees the old file or the new one, never a part); on any
+    failure the temporary file is removed. Missing folders are created. OSError: one-line BadInputError."""
     path = Path(path)
     label = f"{flag} {path}" if flag else str(path)
     tmp = None
@@ -257,6 +258,8 @@ def write_text_atomic(path: "str | os.PathLike", text: str, flag: str = "") -> P
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)

@@ -468,9 +468,9 @@ def write_markdown(path: Path, section: str, start: str = START, end: str = END,
         new = head.rstrip("\n") + "\n\n" + section + tail
     else:
         new = text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    from graphprune.paths import write_text_atomic
+
+    write_text_atomic(path, new)
 
 
 # --------------------------------------------------------------------------- driver

@@ -147,9 +147,9 @@ def write_markdown(path: Path, text: str) -> None:
         doc = head + text + rest.split(END, 1)[1]
     else:
         doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(doc)
-    os.replace(tmp, path)
+    from graphprune.paths import write_text_atomic
+
+    write_text_atomic(path, doc)
 
 
 def main(argv=None) -> int:

@@ -173,9 +173,9 @@ def _write_markdown(path: Path, section: str) -> None:
         text = text[:text.index(START)] + section.rstrip("\n") + text[text.index(END) + len(END):]
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from graphprune.paths import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def main(argv=None) -> int:

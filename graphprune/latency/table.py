@@ -14,7 +14,9 @@ import onnx
 
 from ..backends import Backend, select_backend
 from ..bench import DEFAULT_SEQ, feeds_for, time_sessions
+from ..errors import BadInputError
 from ..options import PruneOptions
+from ..paths import write_text_atomic
 from .cache import latency_cache_dir, LUT_VERSION, model_digest
 from .layers import _group_layers, _layers_model, _symbols
 
@@ -228,10 +230,7 @@ def build_latency_table(model, backend: "str | Backend" = "auto", *, batch: int 
     table.cache_hit = not measured_any
     if cache and measured_any:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(table.to_dict()))
-            os.replace(tmp, path)
-        except OSError as exc:
-            _log(log, f"graphprune: warning: cannot write the latency cache {path}: {exc.strerror or exc}")
+            write_text_atomic(path, json.dumps(table.to_dict()))
+        except BadInputError as exc:
+            _log(log, f"graphprune: warning: the latency cache is not saved: {exc}")
     return table
