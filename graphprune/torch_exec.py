@@ -85,33 +85,46 @@ def _variadic(fn_name: str):
     return op
 
 
+def _pads(a: dict, x, extents: list, strides: list) -> list:
+    """ONNX pads [begin..., end...] of a Conv/pool over `x`'s spatial axes, auto_pad resolved
+    (`extents`: the effective kernel size per axis)."""
+    nd = len(extents)
+    pads = list(a.get("pads", [0] * (2 * nd)))
+    auto = a.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto == "VALID":
+        return [0] * (2 * nd)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * (2 * nd)
+        for i in range(nd):
+            size = x.shape[2 + i]
+            out = -(-size // strides[i])
+            total = max((out - 1) * strides[i] + extents[i] - size, 0)
+            lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
+            pads[i], pads[nd + i] = lo, total - lo
+    return pads
+
+
+def _torch_pad(pads: list) -> list:
+    """ONNX [begin..., end...] pads as torch.nn.functional.pad's (last axis first) list."""
+    nd = len(pads) // 2
+    out = []
+    for i in reversed(range(nd)):
+        out += [pads[i], pads[nd + i]]
+    return out
+
+
 def _conv(torch, xs, a, opset):
     x, w = xs[0], xs[1]
     b = xs[2] if len(xs) > 2 else None
     nd = w.dim() - 2
     strides = a.get("strides", [1] * nd)
     dil = a.get("dilations", [1] * nd)
-    pads = list(a.get("pads", [0] * (2 * nd)))
-    auto = a.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * (2 * nd)
-        for i in range(nd):
-            size = x.shape[2 + i]
-            k = (w.shape[2 + i] - 1) * dil[i] + 1
-            out = -(-size // strides[i])
-            total = max((out - 1) * strides[i] + k - size, 0)
-            lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
-            pads[i], pads[nd + i] = lo, total - lo
-    elif auto == "VALID":
-        pads = [0] * (2 * nd)
+    pads = _pads(a, x, [(w.shape[2 + i] - 1) * dil[i] + 1 for i in range(nd)], strides)
     fn = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[nd]
     if all(pads[i] == pads[nd + i] for i in range(nd)):
         return [fn(x, w, b, strides, pads[:nd], dil, a.get("group", 1))]
-    pad = []
-    for i in reversed(range(nd)):
-        pad += [pads[i], pads[nd + i]]
-    return [fn(torch.nn.functional.pad(x, pad), w, b, strides, 0, dil, a.get("group", 1))]
+    return [fn(torch.nn.functional.pad(x, _torch_pad(pads)), w, b, strides, 0, dil, a.get("group", 1))]
 
 
 def _gemm(torch, xs, a, opset):
@@ -132,38 +145,22 @@ def _pool(kind: str):
         nd = x.dim() - 2
         k = a["kernel_shape"]
         strides = a.get("strides", [1] * nd)
-        pads = list(a.get("pads", [0] * (2 * nd)))
-        auto = a.get("auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else auto
-        if auto in ("SAME_UPPER", "SAME_LOWER"):
-            pads = [0] * (2 * nd)
-            for i in range(nd):
-                size = x.shape[2 + i]
-                out = -(-size // strides[i])
-                total = max((out - 1) * strides[i] + k[i] - size, 0)
-                lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
-                pads[i], pads[nd + i] = lo, total - lo
+        pads = _pads(a, x, list(k), strides)
         ceil = bool(a.get("ceil_mode", 0))
         symmetric = all(pads[i] == pads[nd + i] and pads[i] <= k[i] // 2 for i in range(nd))
         if kind == "max":
             fn = getattr(torch.nn.functional, f"max_pool{nd}d")
             if not symmetric:
-                pad = []
-                for i in reversed(range(nd)):
-                    pad += [pads[i], pads[nd + i]]
-                x = torch.nn.functional.pad(x, pad, value=float("-inf"))
+                x = torch.nn.functional.pad(x, _torch_pad(pads), value=float("-inf"))
                 pads = [0] * (2 * nd)
             return [fn(x, k, strides, pads[:nd], a.get("dilations", [1] * nd), ceil)]
         fn = getattr(torch.nn.functional, f"avg_pool{nd}d")
         include = bool(a.get("count_include_pad", 0))
         if not symmetric:
-            pad = []
-            for i in reversed(range(nd)):
-                pad += [pads[i], pads[nd + i]]
             if not include and any(pads):
                 raise BadInputError("AveragePool with asymmetric pads and count_include_pad=0 is not supported "
                                     "by --recover's executor")
-            x = torch.nn.functional.pad(x, pad)
+            x = torch.nn.functional.pad(x, _torch_pad(pads))
             pads = [0] * (2 * nd)
         return [fn(x, k, strides, pads[:nd], ceil, include)]
     return op
