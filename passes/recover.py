@@ -20,25 +20,12 @@ import numpy as np
 from graphprune.errors import BadInputError
 from graphprune.pipeline import Pass, PassResult, PruneContext
 
+from .recover_match import anchor_tensors, infer_kept_channels, plan_kept_channels, select_kept
+
 __all__ = ["RecoverPass", "TWIN_TOLERANCE", "augment_images", "augment_tokens"]
 
 TWIN_TOLERANCE = 1e-3        # max relative error between onnxruntime and the torch twin
 _PATIENCE = 12               # evaluations without a held-out gain before stopping early
-# normalisation outputs are matched as intermediate targets where the pruned tensor keeps the original's
-# shape (a transformer's residual stream when the hidden width is kept): a dense signal per token
-_ANCHOR_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
-               "SkipSimplifiedLayerNormalization", "RMSNormalization"}
-
-
-def _anchors(original, pruned) -> list[str]:
-    """Float outputs of normalisation nodes present in both graphs (same name)."""
-    def outs(proto):
-        return {o for n in proto.graph.node if n.op_type in _ANCHOR_OPS for o in n.output[:1] if o}
-    names = outs(original) & outs(pruned)
-    graph_out = {o.name for o in pruned.graph.output}
-    return sorted(names - graph_out)
-
-
 def _is_image(v: np.ndarray) -> bool:
     return v.dtype.kind == "f" and v.ndim == 4 and min(v.shape[2:]) >= 8
 
@@ -128,6 +115,27 @@ def _score(ref: dict, got: dict, kinds: dict) -> float:
     return float(np.mean(vals)) if vals else 0.0
 
 
+def _kept_channels(ctx, torch, teacher, student, batch: dict, anchors: list[str]) -> tuple[dict, list[str]]:
+    """Kept channels of the anchors (from the plan, else inferred from one batch of activations)
+    and the anchors that can be matched: same shape as the student's tensor at the kept channels."""
+    if not anchors:
+        return {}, []
+    t_vals = dict(zip(anchors, teacher.run(anchors, batch)))
+    with torch.no_grad():
+        s_vals = {k: v.cpu().numpy() for k, v in student.run(batch, extra=anchors).items() if k in anchors}
+    kept = plan_kept_channels(ctx, t_vals)
+    rest = {k: v for k, v in t_vals.items() if k not in kept}
+    kept.update(infer_kept_channels(rest, s_vals))
+    usable = []
+    for a in anchors:
+        t = t_vals[a]
+        for axis, idx in kept.get(a, ()):
+            t = np.take(t, idx, axis=axis)
+        if a in s_vals and np.shape(t) == s_vals[a].shape:
+            usable.append(a)
+    return kept, usable
+
+
 class RecoverPass(Pass):
     """Runs when the ``recover`` option is set; see the module docstring."""
 
@@ -154,7 +162,7 @@ class RecoverPass(Pass):
         if not student.trainable:
             raise BadInputError("--recover: the pruned graph has no float weights to train")
         original_proto = ctx.original.to_proto()
-        anchors = _anchors(original_proto, proto)
+        anchors = anchor_tensors(original_proto, proto)
         if anchors:   # the teacher also returns the intermediate targets
             import onnx
 
@@ -187,6 +195,7 @@ class RecoverPass(Pass):
         if not err <= TWIN_TOLERANCE:
             raise BadInputError(f"--recover: the PyTorch twin of the pruned graph disagrees with onnxruntime "
                                 f"(max relative error {err:.2e} > {TWIN_TOLERANCE:g}); not recovering")
+        kept, anchors = _kept_channels(ctx, torch, teacher, student, heldout[0], anchors)
         compare = [n for n in t_names if n in s_out]
         shapes = {o.name: tuple(d.dim_value for d in o.type.tensor_type.shape.dim) for o in proto.graph.output}
         kinds = {n: output_kind(proto, n, shapes.get(n, ()))[0] for n in compare}
@@ -214,7 +223,7 @@ class RecoverPass(Pass):
         minutes = float(ctx.option("recover_minutes", 5.0) or 5.0)
         budget = None if steps_cap else minutes * 60.0
         eval_every = max(1, int(ctx.option("recover_eval_every", 0) or 0)) if ctx.option("recover_eval_every") \
-            else None
+            else (max(1, int(steps_cap) // 20) if steps_cap else None)   # a step budget: 20 held-out checks
         t0 = time.perf_counter()
         step, evals_since_best, stop = 0, 0, "budget"
         next_eval = max(10.0, (budget or 60.0) / 20) if budget else 0.0
@@ -253,7 +262,7 @@ class RecoverPass(Pass):
             mid = []
             for n, t in zip(anchors, t_mid):
                 s = s_all.get(n)
-                t = torch.from_numpy(np.asarray(t)).to(device)
+                t = select_kept(torch, torch.from_numpy(np.asarray(t)).to(device), kept.get(n))
                 if s is not None and s.shape == t.shape and t.is_floating_point():
                     mid.append(((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12))
             if mid and isinstance(loss, torch.Tensor):
@@ -307,7 +316,8 @@ class RecoverPass(Pass):
         fid["final"] = "after_recovery"
         info = {"steps": step, "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(step, 1), 4),
                 "stop": stop, "batch": batch, "lr": lr, "device": device,
-                "trained_tensors": len(best_state), "matched_intermediates": len(anchors), "heldout_objective_before": round(before_score, 4),
+                "trained_tensors": len(best_state), "matched_intermediates": len(anchors),
+                "matched_at_kept_channels": sum(1 for a in anchors if a in kept), "heldout_objective_before": round(before_score, 4),
                 "heldout_objective_after": round(best, 4), "kept": "initial weights (no held-out gain)"
                 if kept_initial else "recovered", "twin_error": err_after, "history": history[-50:],
                 "calibration_samples": calib.samples, "heldout_samples": calib.heldout_samples}

@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", type=int, default=None, help="training samples (default: 64 crops / 80 sentences)")
     ap.add_argument("--valid", type=int, default=None, help="recovery's held-out samples (default 32 / 16)")
     ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--steps", type=int, default=None, help="train exactly this many steps (compare settings at "
+                                                               "equal steps; --minutes is then ignored)")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--pruned", type=Path, help="recover this already pruned (and compensated) model, e.g. the "
                                                 "OUT/<model>_<target>_<criterion>_<compensate>.onnx an earlier run saved")
@@ -75,6 +77,8 @@ def main(argv=None) -> int:
     opts = {"compensate_select": "cv", "compensate_residual": True} if args.compensate == "obs" else {}
     if args.lr:
         opts["recover_lr"] = args.lr
+    if args.steps:
+        opts["recover_steps"] = args.steps
     snap = {}
 
     class Snapshot(graphprune.pipeline.Pass):   # the pruned, compensated model just before recovery
@@ -103,11 +107,13 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t0
     rec = r.report["recovery"]
     row = {"model": args.model, "target": args.target, "criterion": args.criterion, "compensate": args.compensate,
-           "calib": samples, "valid": valid, "minutes": args.minutes, "lr": rec["lr"],
+           "calib": samples, "valid": valid, "minutes": None if args.steps else args.minutes, "lr": rec["lr"],
            "macs_ratio": A.macs_of(r.model) / setup["macs"],
            "without": A.score(setup, snap["model"]), "with": A.score(setup, r.model),
            "steps": rec["steps"], "recover_seconds": rec["seconds"], "seconds_per_step": rec["seconds_per_step"],
-           "stop": rec["stop"], "kept": rec["kept"], "total_seconds": total,
+           "stop": rec["stop"], "kept": rec["kept"], "matched_intermediates": rec.get("matched_intermediates"),
+           "matched_at_kept_channels": rec.get("matched_at_kept_channels"),
+           "heldout_objective": [rec.get("heldout_objective_before"), rec.get("heldout_objective_after")], "total_seconds": total,
            "load_avg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(row, indent=1))
     path = args.out / "recover.json"

@@ -223,3 +223,79 @@ def test_transformer_recovery_matches_the_kept_residual_stream(exported):
     assert info["matched_intermediates"] > 0 and info["steps"] == 3
     assert info["heldout_objective_after"] >= info["heldout_objective_before"]
     onnx.checker.check_model(r.model, full_check=True)
+
+
+def _with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    return m
+
+
+def test_kept_channel_matching_agrees_with_the_mask_oracle(exported):
+    """Right after an uncompensated prune, every anchor of the pruned graph equals the masked
+    original (removed channels zeroed: the oracle's reference) at the plan's kept channels; the
+    alignment used without a plan finds the same channels from the activations alone."""
+    from graphprune.verify import masked_model
+    from passes.recover_match import align_channels, anchor_tensors, plan_kept_channels
+
+    model = onnx.load(exported["mobilenet_v2"])
+    r = graphprune.prune(model, target_flops=0.5, criterion="l1", round_to=1)
+    ctx = r.context
+    anchors = anchor_tensors(ctx.original.to_proto(), r.model)
+    assert len(anchors) >= 3
+    masked = masked_model(ctx.original, ctx.dependency, ctx.plan.removed_labels(ctx.groups))
+    feeds = synthetic_inputs(model, batch=2, seed=3)
+    t_vals = dict(zip(anchors, run_model(_with_outputs(masked, anchors), feeds)[len(masked.graph.output):]))
+    s_vals = dict(zip(anchors, run_model(_with_outputs(r.model, anchors), feeds)[len(r.model.graph.output):]))
+    kept = plan_kept_channels(ctx, t_vals)
+    narrowed = [a for a in anchors if t_vals[a].shape != s_vals[a].shape]
+    assert narrowed and set(narrowed) <= set(kept)
+    for a in anchors:
+        t = t_vals[a]
+        for axis, idx in kept.get(a, ()):
+            assert np.all(np.diff(idx) > 0)
+            t = np.take(t, idx, axis=axis)
+        assert t.shape == s_vals[a].shape, a
+        np.testing.assert_allclose(s_vals[a], t, rtol=1e-4, atol=1e-4 * float(np.abs(t).max()))
+    for a in narrowed:    # the same channels from the activations (the teacher here: the original itself)
+        (axis, want), = kept[a]
+        got, quality = align_channels(t_vals[a], s_vals[a], axis)
+        live = np.moveaxis(np.take(t_vals[a], want, axis=axis), axis, 0).reshape(len(want), -1).std(1) > 0
+        assert quality > 0.9 * live.mean()   # a constant channel has no correlation to align by
+        np.testing.assert_array_equal(got[live], want[live])
+
+
+def test_align_channels_finds_an_increasing_subsequence():
+    from passes.recover_match import align_channels
+
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=(6, 20, 5, 5)).astype(np.float32)
+    keep = np.array([1, 4, 5, 9, 13, 17, 19])
+    s = t[:, keep] * 1.7 + 0.05 * rng.normal(size=(6, len(keep), 5, 5)).astype(np.float32)
+    idx, quality = align_channels(t, s, 1)
+    np.testing.assert_array_equal(idx, keep)
+    assert quality > 0.95
+
+
+def test_anchors_on_a_cnn_and_a_transformer(exported):
+    """CNN: residual joins (Add of two same-shape activations) and the global pool's input;
+    transformer: normalisation outputs (the Adds that only feed a LayerNorm are left to it)."""
+    from passes.recover_match import MAX_ANCHORS, NORM_OPS, anchor_tensors
+
+    cnn = onnx.load(exported["mobilenet_v2"])
+    producers = {o: n for n in cnn.graph.node for o in n.output}
+    got = anchor_tensors(cnn, cnn)
+    kinds = {producers[a].op_type for a in got}
+    assert "Add" in kinds and len(got) <= MAX_ANCHORS
+    pool_inputs = {n.input[0] for n in cnn.graph.node if n.op_type.startswith("Global")}
+    assert pool_inputs and pool_inputs <= set(got)
+    depth = {o: i for i, n in enumerate(cnn.graph.node) for o in n.output}
+    assert [depth[a] for a in got] == sorted(depth[a] for a in got)
+    assert len(anchor_tensors(cnn, cnn, cap=3)) == 3 and anchor_tensors(cnn, cnn, cap=3)[-1] == got[-1]
+
+    bert = onnx.load(exported["hf_bert"])
+    producers = {o: n for n in bert.graph.node for o in n.output}
+    got = anchor_tensors(bert, bert)
+    assert got and all(producers[a].op_type in NORM_OPS for a in got)
+    assert not {o.name for o in bert.graph.output} & set(got)
