@@ -26,16 +26,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from graphprune.op_families import GLOBAL_POOL_OPS as _GLOBAL_POOLS
+from graphprune.op_families import NORM_OPS
+from graphprune.op_families import WEIGHTED_OPS as _WEIGHTED
+
 __all__ = ["MAX_ANCHORS", "NORM_OPS", "anchor_tensors", "plan_kept_channels", "align_channels",
            "infer_kept_channels", "select_kept"]
 
 MAX_ANCHORS = 16
 MIN_ALIGN_CORRELATION = 0.5   # an inferred alignment below this mean correlation is not trusted
-NORM_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
-                      "SkipSimplifiedLayerNormalization", "RMSNormalization", "BatchNormalization",
-                      "InstanceNormalization", "GroupNormalization"})
-_WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger"})
-_GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 
 
 def _shapes(proto: onnx.ModelProto) -> dict[str, tuple]:

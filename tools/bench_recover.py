@@ -31,10 +31,12 @@ from graphprune.calibration import CalibrationData  # noqa: E402
 import bench_accuracy as A  # noqa: E402
 
 
-def calibration(setup: dict, samples: int, valid: int) -> CalibrationData:
-    """Training part + recovery's own held-out part, both from the calibration side of the split."""
+def calibration(setup: dict, samples: int, valid: int, eval_photos: bool = False) -> CalibrationData:
+    """Training part + recovery's own held-out part, both from the calibration side of the split.
+    ``eval_photos`` (diagnostic only): crops of the 9 *evaluation* photos instead (other random crops
+    than the evaluation's), an upper bound on what more relevant images could give."""
     if setup["name"] == "lite0":
-        names = [n for n in sorted(A.photo_pool()) if n not in A.HELDOUT_PHOTOS]
+        names = [n for n in sorted(A.photo_pool()) if (n in A.HELDOUT_PHOTOS) == eval_photos]
         train = A.photo_crops(names, samples, seed=0)
         val = A.photo_crops(names, valid, seed=500)
         return CalibrationData([{"input": train[i:i + 8]} for i in range(0, len(train), 8)],
@@ -60,6 +62,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="train exactly this many steps (compare settings at "
                                                                "equal steps; --minutes is then ignored)")
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--patience", type=int, default=None,
+                    help="held-out checks without a gain before recovery stops early (default: the pass's own)")
+    ap.add_argument("--train-on-eval-photos", action="store_true",
+                    help="DIAGNOSTIC, Lite0 only: train on other crops of the 9 evaluation photos (an upper bound "
+                         "for more relevant calibration images; the row is marked and is not a result)")
     ap.add_argument("--pruned", type=Path, help="recover this already pruned (and compensated) model, e.g. the "
                                                 "OUT/<model>_<target>_<criterion>_<compensate>.onnx an earlier run saved")
     args = ap.parse_args(argv)
@@ -73,7 +80,13 @@ def main(argv=None) -> int:
 
         setup["sentences"] = P.minilm_sentences(samples + valid + 128)[:samples + valid]
         # the 128 evaluation sentences stay the ones load_setup measured against
-    calib = calibration(setup, samples, valid)
+    if args.train_on_eval_photos and not lite:
+        ap.error("--train-on-eval-photos is for --model lite0")
+    calib = calibration(setup, samples, valid, eval_photos=args.train_on_eval_photos)
+    if args.patience:
+        import passes.recover
+
+        passes.recover._PATIENCE = args.patience
     opts = {"compensate_select": "cv", "compensate_residual": True} if args.compensate == "obs" else {}
     if args.lr:
         opts["recover_lr"] = args.lr
@@ -106,10 +119,20 @@ def main(argv=None) -> int:
                              recover_minutes=args.minutes, progress=True, pipeline=pipe, **opts)
     total = time.perf_counter() - t0
     rec = r.report["recovery"]
+    import onnx
+
+    train_ref = graphprune.fidelity._collect(onnx.load(setup["path"]), calib.calib)
+
+    def fit(proto):   # the same metrics on the samples recovery trained on: over-fitting vs time
+        m = A.measure_fidelity(train_ref, proto, calib.calib)
+        return {k: m.get(k) for k in ("cosine", "rel_err", "top1_agreement", "top5_agreement")}
     row = {"model": args.model, "target": args.target, "criterion": args.criterion, "compensate": args.compensate,
            "calib": samples, "valid": valid, "minutes": None if args.steps else args.minutes, "lr": rec["lr"],
            "macs_ratio": A.macs_of(r.model) / setup["macs"],
            "without": A.score(setup, snap["model"]), "with": A.score(setup, r.model),
+           "train_fit": {"without": fit(snap["model"]), "with": fit(r.model)},
+           "diagnostic": "trained on crops of the evaluation photos" if args.train_on_eval_photos else None,
+           "patience": args.patience,
            "steps": rec["steps"], "recover_seconds": rec["seconds"], "seconds_per_step": rec["seconds_per_step"],
            "stop": rec["stop"], "kept": rec["kept"], "matched_intermediates": rec.get("matched_intermediates"),
            "matched_at_kept_channels": rec.get("matched_at_kept_channels"),

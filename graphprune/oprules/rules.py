@@ -6,6 +6,7 @@ reshape (Reshape/Flatten), resample (Pad/Resize), indexing (Shape/Expand/Gather/
 """
 from __future__ import annotations
 
+from ..op_families import GLOBAL_POOL_OPS
 from ..roles import ROLE_OUT, ROLE_PARAM, ROLE_REDUCE
 from .base import OpRuleRegistry, with_scales
 from .concat_split import Concat, Slice, Split
@@ -40,7 +41,7 @@ def register_builtin_rules(reg: OpRuleRegistry) -> OpRuleRegistry:
     reg.register("MatMul", MatMul())
     for op in ("MaxPool", "AveragePool", "LpPool"):
         reg.register(op, Pool())
-    for op in ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
+    for op in GLOBAL_POOL_OPS:
         reg.register(op, GlobalPool())
     for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
                "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"):
