@@ -139,7 +139,7 @@ FLAGS = {"cv": {"compensate_select": "cv"}, "residual": {"compensate_residual": 
 def _flag_label(flags, unit: str = "crops") -> str:
     named = [f for f in flags if not f.startswith("calib=")]
     crops = [f.split("=", 1)[1] for f in flags if f.startswith("calib=")]
-    text = ", ".join(named) + (f"; {crops[0]} calibration {unit}" if crops else "")
+    text = "; ".join(t for t in (", ".join(named), f"{crops[0]} calibration {unit}" if crops else "") if t)
     return f" ({text})" if text else ""
 
 
