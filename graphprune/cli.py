@@ -219,6 +219,8 @@ def _run_prune(args) -> int:
             kept = f"; kept the {c['kept']} model: {c['kept_why']}" if "kept" in c else ""
             print(f"compensate  {c['mode']}: {refit} of {len(c['layers'])} layers re-fitted in {c.get('waves', 0)} "
                   f"passes{skipped}{kept}")
+        if "recovery" in r:
+            print(_recovery_line(r["recovery"]))
         if "latency" in r:
             lat = r["latency"]
             print(f"latency {lat['original_ms']:.3f} -> {lat['pruned_ms']:.3f} ms  ({lat['measured_ratio']:.3f}, "
@@ -268,25 +270,42 @@ def _after_save(args, r: dict, result, src: Path, out: Path, folder, targets: di
         written.append(targets[flag].path)
 
 
+# the stages a fidelity report may hold, in pipeline order, and how the summary line names them
+_STAGES = (("before_compensation", "uncompensated"), ("after_compensation", "compensated"), ("pruned", "pruned"),
+           ("before_recovery", "before recovery"), ("after_recovery", "recovered"))
+
+
 def _fidelity_line(f: dict) -> str:
-    """`fidelity  N held-out samples: cosine a -> b, rel err ..., top-1 agreement ...`."""
-    before = f.get("before_compensation")
-    after = f.get("after_compensation") or f.get("pruned") or {}
+    """`fidelity  N held-out samples: cosine a -> b [-> c], rel err ..., top-1 agreement ...
+    (uncompensated -> compensated [-> recovered])`: every stage measured, in pipeline order."""
+    stages = [(label, f[key]) for key, label in _STAGES if isinstance(f.get(key), dict)]
+    if len(stages) > 1 and stages[-1][0] == "recovered" and stages[-2][0] == "before recovery" \
+            and len(stages) > 2:   # recovery started from the model the line already shows
+        del stages[-2]
+    after = stages[-1][1] if stages else {}
     parts = []
     for key, label, fmt in (("cosine", "cosine", ".4f"), ("rel_err", "rel err", ".4f"),
                             ("top1_agreement", "top-1 agreement", ".3f")):
-        if key not in after:
-            continue
-        if before and key in before:
-            parts.append(f"{label} {before[key]:{fmt}} -> {after[key]:{fmt}}")
-        else:
-            parts.append(f"{label} {after[key]:{fmt}}")
+        values = [m[key] for _, m in stages if key in m]
+        if key in after:
+            parts.append(f"{label} " + " -> ".join(f"{v:{fmt}}" for v in values))
     src = "synthetic" if f.get("data") == "synthetic" else "held-out"
-    tail = " (before -> after compensation)" if before else ""
+    tail = f" ({' -> '.join(label for label, _ in stages)})" if len(stages) > 1 else ""
     kinds = "; ".join(f"{name}: {m['kind']} ({m['why']}), judged by {m['metric']}"
                       for name, m in after.get("outputs", {}).items() if "kind" in m)
     return (f"fidelity  {f.get('heldout_samples', 0)} {src} samples: {', '.join(parts)}{tail}"
             + (f"\n          {kinds}" if kinds else ""))
+
+
+def _recovery_line(rec: dict) -> str:
+    """`recover  N steps in S s (x s/step, cpu), stop: why; held-out objective a -> b; kept: ...`."""
+    matched = rec.get("matched_intermediates", 0)
+    at_kept = rec.get("matched_at_kept_channels", 0)
+    inter = f"; {matched} intermediate tensors matched ({at_kept} at kept channels)" if matched else ""
+    return (f"recover  {rec['steps']} steps in {rec['seconds']:.1f}s ({rec['seconds_per_step']:.3f} s/step, "
+            f"{rec.get('device', 'cpu')}), stop: {rec['stop']}; held-out objective "
+            f"{rec['heldout_objective_before']:.4f} -> {rec['heldout_objective_after']:.4f}{inter}; "
+            f"kept: {rec['kept']}")
 
 
 def _run_analyze(argv) -> int:
@@ -382,7 +401,12 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import main as bench_main  # latency side by side (graphprune/bench.py)
 
             return bench_main(argv[1:])
-        return _run_prune(build_parser().parse_args(argv))
+        args = build_parser().parse_args(argv)
+        # --recover-minutes/-steps/-batch/-lr tune --recover; alone they would be silently ignored
+        tuning = sorted({a.split("=", 1)[0] for a in argv if a.startswith("--recover-")})
+        if tuning and not args.recover:
+            raise BadInputError(f"{', '.join(tuning)} tunes --recover: add --recover (or drop {tuning[0]})")
+        return _run_prune(args)
     except BadInputError as exc:
         print(f"graphprune: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -311,6 +311,7 @@ class RecoverPass(Pass):
         before = measure_fidelity(ref, proto, heldout)
         after = measure_fidelity(ref, new_proto, heldout) if not kept_initial else before
         fid.setdefault("heldout_samples", calib.heldout_samples)
+        fid.setdefault("data", "synthetic" if calib.synthetic else "held-out calibration samples")
         fid["before_recovery"] = before
         fid["after_recovery"] = after
         fid["final"] = "after_recovery"

@@ -203,6 +203,17 @@ def test_cli_recover_end_to_end_and_bad_values(tmp_path, capsys):
 
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["recovery"]["steps"] == 5
+    printed = capsys.readouterr().out
+    rec_line = next(ln for ln in printed.splitlines() if ln.startswith("recover  "))
+    assert "5 steps" in rec_line and f"kept: {rep['recovery']['kept']}" in rec_line
+    fid_line = next(ln for ln in printed.splitlines() if ln.startswith("fidelity  "))
+    after = rep["fidelity"]["after_recovery"]["cosine"]
+    assert fid_line.split("cosine ")[1].split(",")[0].split(" -> ")[-1] == f"{after:.4f}", fid_line
+    assert "-> recovered)" in fid_line, fid_line
+    out3 = tmp_path / "tune.onnx"   # a tuning flag without --recover would be silently ignored
+    assert main([str(src), "--target-flops", "0.6", "--recover-steps", "5", "-o", str(out3)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert not out3.exists() and len(err.splitlines()) == 1 and "add --recover" in err, err
     for bad in (["--recover-minutes", "0"], ["--recover-steps", "0"], ["--recover-lr", "-1"]):
         out2 = tmp_path / "bad.onnx"
         try:
