@@ -480,6 +480,215 @@ def _leaky(torch, x, a):
     return torch.nn.functional.leaky_relu(x, a.get("alpha", 0.01))
 
 
+def _conv_transpose(torch, xs, a, opset):
+    """ConvTranspose: torch's conv_transpose without padding, then the ONNX pads cropped off (they
+    may be asymmetric); ``output_shape`` / ``auto_pad`` pads follow the spec's total-padding rule."""
+    x, w = xs[0], xs[1]
+    b = xs[2] if len(xs) > 2 else None
+    nd = w.dim() - 2
+    strides = list(a.get("strides", [1] * nd))
+    dil = list(a.get("dilations", [1] * nd))
+    out_pad = list(a.get("output_padding", [0] * nd))
+    k = [(w.shape[2 + i] - 1) * dil[i] + 1 for i in range(nd)]
+    full = [strides[i] * (x.shape[2 + i] - 1) + out_pad[i] + k[i] for i in range(nd)]
+    auto = a.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if "output_shape" in a or auto in ("SAME_UPPER", "SAME_LOWER"):
+        want = list(a["output_shape"])[-nd:] if "output_shape" in a else \
+            [x.shape[2 + i] * strides[i] for i in range(nd)]
+        total = [full[i] - want[i] for i in range(nd)]
+        if auto == "SAME_UPPER":
+            pads = [t // 2 for t in total] + [t - t // 2 for t in total]
+        else:
+            pads = [t - t // 2 for t in total] + [t // 2 for t in total]
+    else:
+        pads = list(a.get("pads", [0] * (2 * nd)))
+    fn = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.conv_transpose2d,
+          3: torch.nn.functional.conv_transpose3d}[nd]
+    y = fn(x, w, None, strides, 0, out_pad, a.get("group", 1), dil)   # output_padding < stride (spec)
+    index = [slice(None), slice(None)] + [slice(pads[i], y.shape[2 + i] - pads[nd + i]) for i in range(nd)]
+    y = y[tuple(index)]
+    if b is not None:
+        y = y + b.reshape([1, -1] + [1] * nd)
+    return [y]
+
+
+def _str(v, default: str) -> str:
+    v = default if v is None else v
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _resize_axis(torch, x, axis: int, out_len: int, scale: float, a: dict, mode: str, coord: str):
+    """One axis of Resize: source coordinates by the spec's coordinate transformation, then nearest
+    (gather) or linear / cubic (weighted gather of 2 / 4 neighbours, edge-clamped). Separable, so
+    applying it axis by axis is exact for every mode."""
+    n = x.shape[axis]
+    r = torch.arange(out_len, dtype=torch.float64)
+    if coord == "half_pixel":
+        src = (r + 0.5) / scale - 0.5
+    elif coord == "half_pixel_symmetric":
+        adj = out_len / (scale * n)
+        src = n / 2 * (1 - adj) + (r + 0.5) / scale - 0.5
+    elif coord == "pytorch_half_pixel":
+        src = (r + 0.5) / scale - 0.5 if out_len > 1 else torch.zeros_like(r)
+    elif coord == "align_corners":
+        src = r * (n - 1) / (out_len - 1) if out_len > 1 else torch.zeros_like(r)
+    elif coord == "asymmetric":
+        src = r / scale
+    else:
+        raise BadInputError(f"--recover's executor: Resize coordinate_transformation_mode {coord!r} is not supported")
+    if mode == "nearest":
+        nm = _str(a.get("nearest_mode"), "round_prefer_floor")
+        idx = {"round_prefer_floor": lambda v: torch.ceil(v - 0.5), "round_prefer_ceil": lambda v: torch.floor(v + 0.5),
+               "floor": torch.floor, "ceil": torch.ceil}[nm](src)
+        idx = idx.clamp(0, n - 1).long().to(x.device)
+        return x.index_select(axis, idx)
+    base = torch.floor(src)
+    t = src - base
+    if mode == "linear":
+        taps, weights = [0, 1], [1 - t, t]
+    else:   # cubic, Keys kernel with coefficient A
+        ca = float(a.get("cubic_coeff_a", -0.75))
+
+        def kern(d):
+            d = d.abs()
+            return torch.where(d <= 1, ((ca + 2) * d - (ca + 3)) * d * d + 1,
+                               torch.where(d < 2, ((ca * d - 5 * ca) * d + 8 * ca) * d - 4 * ca, torch.zeros_like(d)))
+
+        taps = [-1, 0, 1, 2]
+        weights = [kern(t - j) for j in taps]
+        if a.get("exclude_outside", 0):
+            inside = [((base + j >= 0) & (base + j <= n - 1)).double() for j in taps]
+            weights = [w_ * m for w_, m in zip(weights, inside)]
+            total = sum(weights)
+            weights = [w_ / total for w_ in weights]
+    shape = [1] * x.dim()
+    shape[axis] = out_len
+    y = 0
+    for j, w_ in zip(taps, weights):
+        idx = (base + j).clamp(0, n - 1).long().to(x.device)
+        y = y + x.index_select(axis, idx) * w_.to(x.dtype).to(x.device).reshape(shape)
+    return y
+
+
+def _resize(torch, xs, a, opset):
+    """Resize (opset 10-19) and Upsample (7-9), by the spec: output sizes from ``sizes`` or
+    ``floor(input * scales)``; every axis whose size changes is resampled (nearest, linear, cubic;
+    all coordinate transformation and nearest modes but tf_crop_and_resize; no antialias)."""
+    x = xs[0]
+    mode = _str(a.get("mode"), "nearest")
+    if opset < 11:   # Upsample / Resize-10: (X, scales), asymmetric coordinates, nearest rounds down
+        coord, sizes = "asymmetric", None
+        scales = xs[1] if len(xs) > 1 and xs[1] is not None else torch.tensor(list(a["scales"]))   # Upsample-7
+        a = dict(a, nearest_mode=a.get("nearest_mode", b"floor"))
+    else:
+        coord = _str(a.get("coordinate_transformation_mode"), "half_pixel")
+        scales = xs[2] if len(xs) > 2 and xs[2] is not None and xs[2].numel() else None
+        sizes = xs[3] if len(xs) > 3 and xs[3] is not None and xs[3].numel() else None
+    axes = list(a.get("axes", range(x.dim())))
+    axes = [ax % x.dim() for ax in axes]
+    if sizes is not None:
+        out = [int(v) for v in sizes.tolist()]
+        policy = _str(a.get("keep_aspect_ratio_policy"), "stretch")
+        ratio = [out[i] / x.shape[ax] for i, ax in enumerate(axes)]
+        if policy in ("not_larger", "not_smaller"):
+            r = min(ratio) if policy == "not_larger" else max(ratio)
+            ratio = [r] * len(axes)
+            out = [int(np.floor(r * x.shape[ax] + 0.5)) for ax in axes]
+        scale = ratio
+    else:
+        scale = [float(v) for v in scales.tolist()]
+        out = [int(np.floor(x.shape[ax] * scale[i])) for i, ax in enumerate(axes)]
+    if a.get("antialias", 0) and mode != "nearest" and any(s < 1 for s in scale):
+        raise BadInputError("--recover's executor: Resize with antialias=1 when downsampling is not supported")
+    for i, ax in enumerate(axes):
+        if out[i] != x.shape[ax] or scale[i] != 1.0:
+            x = _resize_axis(torch, x, ax, out[i], scale[i], a, mode, coord)
+    return [x]
+
+
+def _scatter_nd(torch, xs, a, opset):
+    """ScatterND (reduction none/add/mul/max/min): the indexed slices of a copy of ``data`` replaced
+    (or combined) by ``updates``; out of place, so gradients flow to both."""
+    data, indices, updates = xs[0], xs[1].long(), xs[2]
+    k = indices.shape[-1]
+    lead = list(data.shape[:k])
+    idx = indices.reshape(-1, k)
+    idx = torch.where(idx < 0, idx + torch.tensor(lead, device=idx.device), idx)
+    strides = [int(np.prod(lead[j + 1:])) for j in range(k)]
+    lin = (idx * torch.tensor(strides, device=idx.device)).sum(-1)
+    flat = data.reshape([int(np.prod(lead))] + list(data.shape[k:]))
+    upd = updates.reshape([lin.shape[0]] + list(data.shape[k:]))
+    red = _str(a.get("reduction"), "none")
+    if red == "none":
+        out = flat.index_put((lin,), upd)
+    elif red == "add":
+        out = flat.index_put((lin,), upd, accumulate=True)
+    else:
+        out = flat.index_reduce(0, lin, upd, {"mul": "prod", "max": "amax", "min": "amin"}[red])
+    return [out.reshape(data.shape)]
+
+
+def _scatter_elements(torch, xs, a, opset):
+    data, indices, updates = xs[0], xs[1].long(), xs[2]
+    axis = a.get("axis", 0) % data.dim()
+    indices = torch.where(indices < 0, indices + data.shape[axis], indices)
+    red = _str(a.get("reduction"), "none")
+    if red == "none":
+        return [data.scatter(axis, indices, updates)]
+    return [data.scatter_reduce(axis, indices, updates, {"add": "sum", "mul": "prod", "max": "amax",
+                                                          "min": "amin"}[red])]
+
+
+def _cumsum(torch, xs, a, opset):
+    x = xs[0]
+    axis = int(xs[1].reshape(-1)[0]) % x.dim()
+    if a.get("reverse", 0):
+        x = x.flip(axis)
+    y = x.cumsum(axis)
+    if a.get("exclusive", 0):
+        y = y - x
+    return [y.flip(axis) if a.get("reverse", 0) else y]
+
+
+def _arg(kind: str):
+    def op(torch, xs, a, opset):
+        x = xs[0]
+        axis = a.get("axis", 0) % x.dim()
+        keep = bool(a.get("keepdims", 1))
+        if a.get("select_last_index", 0):
+            i = getattr(x.flip(axis), kind)(axis, keepdim=keep)
+            return [x.shape[axis] - 1 - i]
+        return [getattr(x, kind)(axis, keepdim=keep)]
+    return op
+
+
+def _depth_to_space(torch, xs, a, opset):
+    x = xs[0]
+    n, c, h, w = x.shape
+    bs = a["blocksize"]
+    if _str(a.get("mode"), "DCR") == "DCR":
+        y = x.reshape(n, bs, bs, c // (bs * bs), h, w).permute(0, 3, 4, 1, 5, 2)
+    else:
+        y = x.reshape(n, c // (bs * bs), bs, bs, h, w).permute(0, 1, 4, 2, 5, 3)
+    return [y.reshape(n, c // (bs * bs), h * bs, w * bs)]
+
+
+def _space_to_depth(torch, xs, a, opset):
+    x = xs[0]
+    n, c, h, w = x.shape
+    bs = a["blocksize"]
+    y = x.reshape(n, c, h // bs, bs, w // bs, bs).permute(0, 3, 5, 1, 2, 4)
+    return [y.reshape(n, c * bs * bs, h // bs, w // bs)]
+
+
+def _isinf(torch, xs, a, opset):
+    x = xs[0]
+    pos, neg = a.get("detect_positive", 1), a.get("detect_negative", 1)
+    return [(torch.isposinf(x) if pos else torch.zeros_like(x, dtype=torch.bool))
+            | (torch.isneginf(x) if neg else torch.zeros_like(x, dtype=torch.bool))]
+
+
 _OPS: dict[str, Callable] = {
     "Add": _binary("add"), "Sub": _binary("sub"), "Mul": _binary("mul"), "Div": _binary("div"),
     "Pow": _binary("pow"), "Equal": _binary("eq"), "Less": _binary("lt"), "Greater": _binary("gt"),
@@ -516,6 +725,13 @@ _OPS: dict[str, Callable] = {
     "Transpose": _transpose, "Shape": _shape, "Size": lambda t, xs, a, o: [t.tensor(xs[0].numel(), dtype=t.int64)],
     "Expand": _expand, "Tile": _tile, "Cast": _cast, "ConstantOfShape": _constant_of_shape, "Range": _range,
     "Where": _where, "Clip": _clip, "Pad": _pad, "Dropout": _dropout, "Constant": _constant,
+    "ConvTranspose": _conv_transpose, "Resize": _resize, "Upsample": _resize, "ScatterND": _scatter_nd,
+    "ScatterElements": _scatter_elements, "CumSum": _cumsum, "ArgMax": _arg("argmax"), "ArgMin": _arg("argmin"),
+    "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth, "IsInf": _isinf,
+    "IsNaN": _unary(lambda t, x, a: t.isnan(x)), "Sign": _unary(lambda t, x, a: x.sign()),
+    "Round": _unary(lambda t, x, a: t.round(x)), "Softsign": _unary(lambda t, x, a: x / (1 + x.abs())),
+    "Mish": _unary(lambda t, x, a: x * t.tanh(t.nn.functional.softplus(x))),
+    "Xor": _binary("logical_xor"),
 }
 _CONTRIB = {"SimplifiedLayerNormalization", "Gelu"}   # also accepted in the com.microsoft domain
 

@@ -356,7 +356,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench_out")
     p.add_argument("--models", nargs="+", default=["lite0", "minilm"], choices=["lite0", "minilm"])
     p.add_argument("--targets", nargs="+", type=float, default=[0.7, 0.5])
-    p.add_argument("--criteria", nargs="+", default=CRITERIA)
+    p.add_argument("--criteria", nargs="*", default=CRITERIA, help="criteria run with every --compensate mode "
+                   "(none: only the --extra settings)")
     p.add_argument("--compensate", nargs="+", default=["none", "obs"])
     p.add_argument("--peers", nargs="*", default=["torch-pruning", "onnxsim-magnitude", "onnxsim-wanda"])
     p.add_argument("--extra", nargs="*", default=["flap+bias", "obs+obs:cv,residual",

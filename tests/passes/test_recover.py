@@ -94,6 +94,66 @@ OPS = {
             y = ReduceMean (x, ax)
             z = LayerNormalization <axis = -1, epsilon = 0.001> (x, s, b)
         }""", {"s": (4,), "b": (4,)}),
+    "conv_transpose_asymmetric_pads_groups_dilation": ("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 4, 5, 6] x) => (float[2, 6, 11, 13] y) {
+            y = ConvTranspose <strides = [2, 2], pads = [1, 0, 0, 2], output_padding = [1, 1], group = 2,
+                               dilations = [1, 2]> (x, w, b)
+        }""", {"w": (4, 3, 3, 3), "b": (6,)}),
+    "conv_transpose_output_shape_and_same_upper": ("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 3, 5, 5] x) => (float[1, 2, 10, 9] y, float[1, 2, 10, 10] z) {
+            y = ConvTranspose <strides = [2, 2], output_shape = [10, 9]> (x, w)
+            z = ConvTranspose <strides = [2, 2], auto_pad = "SAME_UPPER"> (x, w)
+        }""", {"w": (3, 2, 4, 3)}),
+    "resize_nearest_and_linear_modes": ("""<ir_version: 8, opset_import: ["" : 18]>
+        g (float[2, 3, 5, 6] x) => (float[2, 3, 10, 9] a, float[2, 3, 7, 11] b, float[2, 3, 3, 4] c,
+                                    float[2, 3, 8, 13] d, float[2, 3, 10, 12] e) {
+            s = Constant <value = float[4] {1, 1, 2, 1.5}> ()
+            a = Resize <mode = "nearest", coordinate_transformation_mode = "asymmetric", nearest_mode = "floor"> (x, , s)
+            sz = Constant <value = int64[4] {2, 3, 7, 11}> ()
+            b = Resize <mode = "linear"> (x, , , sz)
+            sd = Constant <value = int64[4] {2, 3, 3, 4}> ()
+            c = Resize <mode = "nearest", nearest_mode = "round_prefer_ceil"> (x, , , sd)
+            s2 = Constant <value = int64[4] {2, 3, 8, 13}> ()
+            d = Resize <mode = "cubic", coordinate_transformation_mode = "align_corners", exclude_outside = 1> (x, , , s2)
+            s3 = Constant <value = float[4] {1, 1, 2, 2}> ()
+            e = Resize <mode = "linear", coordinate_transformation_mode = "pytorch_half_pixel"> (x, , s3)
+        }""", {}),
+    "resize_axes_and_half_pixel_symmetric": ("""<ir_version: 9, opset_import: ["" : 19]>
+        g (float[2, 3, 5, 6] x) => (float[2, 3, 8, 6] y) {
+            s = Constant <value = float[1] {1.7}> ()
+            y = Resize <mode = "cubic", axes = [2], coordinate_transformation_mode = "half_pixel_symmetric"> (x, , s)
+        }""", {}),
+    "upsample_opset9": ("""<ir_version: 4, opset_import: ["" : 9]>
+        g (float[1, 2, 3, 4] x) => (float[1, 2, 6, 12] y) {
+            s = Constant <value = float[4] {1, 1, 2, 3}> ()
+            y = Upsample <mode = "nearest"> (x, s)
+        }""", {}),
+    "scatter_and_cumsum_and_argmax": ("""<ir_version: 8, opset_import: ["" : 18]>
+        g (float[4, 3, 5] x) => (float[4, 3, 5] y, float[4, 3, 5] z, float[4, 3, 5] c, int64[4, 1, 5] m) {
+            i = Constant <value = int64[2, 2] {0, 1, -1, 2}> ()
+            u = Constant <value = float[2, 5] {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}> ()
+            y = ScatterND <reduction = "add"> (x, i, u)
+            j = Constant <value = int64[1, 1, 5] {0, 2, 1, 2, 0}> ()
+            v = Constant <value = float[1, 1, 5] {-1, -2, -3, -4, -5}> ()
+            z = ScatterElements <axis = 1> (x, j, v)
+            ax = Constant <value = int64 {1}> ()
+            c = CumSum <exclusive = 1, reverse = 1> (x, ax)
+            m = ArgMax <axis = 1, select_last_index = 1> (x)
+        }""", {}),
+    "depth_space_and_predicates": ("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 8, 3, 4] x) => (float[2, 2, 6, 8] a, float[2, 2, 6, 8] b, float[2, 32, 3, 4] c,
+                                   float[2, 8, 3, 4] d) {
+            a = DepthToSpace <blocksize = 2, mode = "DCR"> (x)
+            b = DepthToSpace <blocksize = 2, mode = "CRD"> (x)
+            c2 = SpaceToDepth <blocksize = 2> (a)
+            c = Concat <axis = 1> (c2, c2, c2, c2)
+            n = IsNaN (x)
+            inf = IsInf <detect_negative = 0> (x)
+            bad = Or (n, inf)
+            zero = Constant <value = float {0}> ()
+            s = Sign (x)
+            d = Where (bad, zero, s)
+        }""", {}),
 }
 
 
