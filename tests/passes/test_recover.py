@@ -39,10 +39,12 @@ def exported(tmp_path_factory):
     return {"mobilenet_v2": build_onnx("mobilenet_v2", False, str(tmp)),
             "shufflenet": build_onnx("shufflenet", True, str(tmp)),
             "hf_bert": build_transformer_onnx("hf_bert", True, str(tmp)),
-            "llama_block": build_transformer_onnx("llama_block", False, str(tmp))}
+            "llama_block": build_transformer_onnx("llama_block", False, str(tmp)),
+            # SDPA attention: its masks go through IsNaN / Where
+            "hf_gpt2_sdpa": build_transformer_onnx("hf_gpt2_sdpa", True, str(tmp))}
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "shufflenet", "hf_bert", "llama_block"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "shufflenet", "hf_bert", "llama_block", "hf_gpt2_sdpa"])
 def test_executor_matches_onnxruntime_on_exports(exported, name):
     model = onnx.load(exported[name])
     for batch in (1, 3):
