@@ -279,9 +279,9 @@ def _fidelity_line(f: dict) -> str:
     """`fidelity  N held-out samples: cosine a -> b [-> c], rel err ..., top-1 agreement ...
     (uncompensated -> compensated [-> recovered])`: every stage measured, in pipeline order."""
     stages = [(label, f[key]) for key, label in _STAGES if isinstance(f.get(key), dict)]
-    if len(stages) > 1 and stages[-1][0] == "recovered" and stages[-2][0] == "before recovery" \
-            and len(stages) > 2:   # recovery started from the model the line already shows
-        del stages[-2]
+    if len(stages) > 2 and stages[-2][0] == "before recovery" and all(
+            stages[-2][1].get(k) == stages[-3][1].get(k) for k in ("cosine", "rel_err")):
+        del stages[-2]   # recovery started from the model the line already shows
     after = stages[-1][1] if stages else {}
     parts = []
     for key, label, fmt in (("cosine", "cosine", ".4f"), ("rel_err", "rel err", ".4f"),
@@ -291,6 +291,8 @@ def _fidelity_line(f: dict) -> str:
             parts.append(f"{label} " + " -> ".join(f"{v:{fmt}}" for v in values))
     src = "synthetic" if f.get("data") == "synthetic" else "held-out"
     tail = f" ({' -> '.join(label for label, _ in stages)})" if len(stages) > 1 else ""
+    if f.get("final") == "before_compensation":
+        tail += "; the uncompensated model was written"
     kinds = "; ".join(f"{name}: {m['kind']} ({m['why']}), judged by {m['metric']}"
                       for name, m in after.get("outputs", {}).items() if "kind" in m)
     return (f"fidelity  {f.get('heldout_samples', 0)} {src} samples: {', '.join(parts)}{tail}"

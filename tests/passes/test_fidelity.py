@@ -123,3 +123,23 @@ def test_metric_fits_each_output():
     line = _fidelity_line({"heldout_samples": 12, "pruned": measure_fidelity(model, model, batches)})
     assert "emb: embedding (pooled or normalised features (ReduceMean)), judged by cosine" in line
     assert "probs: class scores (Softmax probabilities), judged by top-1 agreement" in line
+
+
+def test_fidelity_line_lists_every_stage_in_order():
+    """The CLI line follows the pipeline: uncompensated -> compensated -> recovered; a recovery that
+    started from the shown model adds no stage, one that started elsewhere (compensation rejected by
+    the guard) shows where it started; a rejected compensation says which model was written."""
+    from graphprune.cli import _fidelity_line
+
+    a, b, c = ({"cosine": v, "rel_err": 1 - v} for v in (0.7, 0.6, 0.8))
+    line = _fidelity_line({"heldout_samples": 4, "before_compensation": a, "after_compensation": b,
+                           "final": "before_compensation"})
+    assert "cosine 0.7000 -> 0.6000" in line and line.endswith("(uncompensated -> compensated); the "
+                                                               "uncompensated model was written")
+    line = _fidelity_line({"heldout_samples": 4, "before_compensation": a, "after_compensation": c,
+                           "before_recovery": dict(c), "after_recovery": {"cosine": 0.9, "rel_err": 0.1}})
+    assert "cosine 0.7000 -> 0.8000 -> 0.9000" in line and "(uncompensated -> compensated -> recovered)" in line
+    line = _fidelity_line({"heldout_samples": 4, "before_compensation": a, "after_compensation": b,
+                           "before_recovery": dict(a), "after_recovery": c, "final": "after_recovery"})
+    assert "cosine 0.7000 -> 0.6000 -> 0.7000 -> 0.8000" in line and "before recovery -> recovered" in line
+    assert "->" not in _fidelity_line({"heldout_samples": 4, "pruned": a})
