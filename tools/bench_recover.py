@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--patience", type=int, default=None,
                     help="held-out checks without a gain before recovery stops early (default: the pass's own)")
+    ap.add_argument("--no-anchors", action="store_true",
+                    help="match the outputs only (no intermediate tensors): isolates what the anchors add")
     ap.add_argument("--train-on-eval-photos", action="store_true",
                     help="DIAGNOSTIC, Lite0 only: train on other crops of the 9 evaluation photos (an upper bound "
                          "for more relevant calibration images; the row is marked and is not a result)")
@@ -83,6 +85,10 @@ def main(argv=None) -> int:
     if args.train_on_eval_photos and not lite:
         ap.error("--train-on-eval-photos is for --model lite0")
     calib = calibration(setup, samples, valid, eval_photos=args.train_on_eval_photos)
+    if args.no_anchors:
+        import passes.recover
+
+        passes.recover.anchor_tensors = lambda *a, **k: []
     if args.patience:
         import passes.recover
 
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
            "without": A.score(setup, snap["model"]), "with": A.score(setup, r.model),
            "train_fit": {"without": fit(snap["model"]), "with": fit(r.model)},
            "diagnostic": "trained on crops of the evaluation photos" if args.train_on_eval_photos else None,
-           "patience": args.patience,
+           "patience": args.patience, "anchors": not args.no_anchors,
            "steps": rec["steps"], "recover_seconds": rec["seconds"], "seconds_per_step": rec["seconds_per_step"],
            "stop": rec["stop"], "kept": rec["kept"], "matched_intermediates": rec.get("matched_intermediates"),
            "matched_at_kept_channels": rec.get("matched_at_kept_channels"),
