@@ -85,14 +85,12 @@ def main(argv=None) -> int:
     if args.train_on_eval_photos and not lite:
         ap.error("--train-on-eval-photos is for --model lite0")
     calib = calibration(setup, samples, valid, eval_photos=args.train_on_eval_photos)
+    import graphprune.passes.recover as recover_pass   # the module the pipeline runs (not passes.recover)
+
     if args.no_anchors:
-        import passes.recover
-
-        passes.recover.anchor_tensors = lambda *a, **k: []
+        recover_pass.anchor_tensors = lambda *a, **k: []
     if args.patience:
-        import passes.recover
-
-        passes.recover._PATIENCE = args.patience
+        recover_pass._PATIENCE = args.patience
     opts = {"compensate_select": "cv", "compensate_residual": True} if args.compensate == "obs" else {}
     if args.lr:
         opts["recover_lr"] = args.lr
