@@ -56,6 +56,12 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _str(v, default: str) -> str:
+    """A string attribute (onnx gives bytes), or `default` when absent."""
+    v = default if v is None else v
+    return v.decode() if isinstance(v, bytes) else v
+
+
 def _ints(t) -> list[int]:
     return [int(v) for v in (t.tolist() if hasattr(t, "tolist") else t)]
 
@@ -90,8 +96,7 @@ def _pads(a: dict, x, extents: list, strides: list) -> list:
     (`extents`: the effective kernel size per axis)."""
     nd = len(extents)
     pads = list(a.get("pads", [0] * (2 * nd)))
-    auto = a.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = _str(a.get("auto_pad"), "NOTSET")
     if auto == "VALID":
         return [0] * (2 * nd)
     if auto in ("SAME_UPPER", "SAME_LOWER"):
@@ -429,8 +434,7 @@ def _clip(torch, xs, a, opset):
 
 
 def _gelu(torch, x, a):
-    approx = a.get("approximate", b"none")
-    approx = approx.decode() if isinstance(approx, bytes) else approx
+    approx = _str(a.get("approximate"), "none")
     return torch.nn.functional.gelu(x, approximate="tanh" if approx == "tanh" else "none")
 
 
@@ -438,8 +442,7 @@ def _pad(torch, xs, a, opset):
     x = xs[0]
     pads = _ints(xs[1]) if opset >= 11 else list(a["pads"])
     value = float(xs[2].item()) if opset >= 11 and len(xs) > 2 and xs[2] is not None else a.get("value", 0.0)
-    mode = a.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = _str(a.get("mode"), "constant")
     if len(xs) > 3 and xs[3] is not None:
         raise BadInputError("--recover's executor supports Pad without an axes input only")
     nd = x.dim()
@@ -459,7 +462,7 @@ def _matmul(torch, xs, a, opset):
 
 def _einsum(torch, xs, a, opset):
     eq = a["equation"]
-    return [torch.einsum(eq.decode() if isinstance(eq, bytes) else eq, *xs)]
+    return [torch.einsum(_str(eq, ""), *xs)]
 
 
 def _dropout(torch, xs, a, opset):
@@ -491,8 +494,7 @@ def _conv_transpose(torch, xs, a, opset):
     out_pad = list(a.get("output_padding", [0] * nd))
     k = [(w.shape[2 + i] - 1) * dil[i] + 1 for i in range(nd)]
     full = [strides[i] * (x.shape[2 + i] - 1) + out_pad[i] + k[i] for i in range(nd)]
-    auto = a.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = _str(a.get("auto_pad"), "NOTSET")
     if "output_shape" in a or auto in ("SAME_UPPER", "SAME_LOWER"):
         want = list(a["output_shape"])[-nd:] if "output_shape" in a else \
             [x.shape[2 + i] * strides[i] for i in range(nd)]
@@ -511,11 +513,6 @@ def _conv_transpose(torch, xs, a, opset):
     if b is not None:
         y = y + b.reshape([1, -1] + [1] * nd)
     return [y]
-
-
-def _str(v, default: str) -> str:
-    v = default if v is None else v
-    return v.decode() if isinstance(v, bytes) else v
 
 
 def _resize_axis(torch, x, axis: int, out_len: int, scale: float, a: dict, mode: str, coord: str):
